@@ -1,0 +1,169 @@
+"""Put a flat, diffusers-named PyTorch state dict into a vcjax (NNX) module.
+
+vcjax modules use diffusers' attribute names, so the mapping from a diffusers key to a vcjax parameter
+is mechanical:
+  * module path: a few renames where a diffusers name is not a valid attribute (`to_out.0` -> `to_out`,
+    `ff.net.0.proj` -> `ff.proj_in`, `ff.net.2` -> `ff.proj_out`);
+  * parameter: `weight` -> `kernel` (linear/conv), `scale` (norms) or `embedding` (embeddings),
+    `bias` -> `bias`;
+  * layout: conv OIHW -> HWIO, linear (out, in) -> (in, out); 1x1 convs and linears convert into each
+    other (LDM checkpoints store some linears as 1x1 convs).
+Other checkpoint flavours (LDM single files, original AnimateDiff motion modules) are first renamed
+into diffusers names by the modules that read them.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vcjax.weights.errors import CheckpointError
+
+DIFFUSERS_RENAMES = (
+    (r"\.to_out\.0\.", ".to_out."),
+    (r"\.ff\.net\.0\.proj\.", ".ff.proj_in."),
+    (r"\.ff\.net\.2\.", ".ff.proj_out."),
+)
+
+_WEIGHT_NAMES = ("kernel", "scale", "embedding")
+
+
+def module_param_shapes(module: nnx.Module) -> dict[str, tuple[tuple[int, ...], jnp.dtype]]:
+  """'a.0.b.kernel' -> (shape, dtype) for every nnx.Param of `module`."""
+  state = nnx.state(module, nnx.Param)
+  out = {}
+  for path, var in nnx.to_flat_state(state):
+    value = var.get_value()
+    out[".".join(str(p) for p in path)] = (tuple(value.shape), value.dtype)
+  return out
+
+
+def to_flax_layout(array: np.ndarray, target_shape: tuple[int, ...]) -> np.ndarray:
+  """Transpose a PyTorch weight into the flax layout of `target_shape` (or fail on a mismatch)."""
+  a = np.asarray(array)
+  if a.ndim == 4 and len(target_shape) == 4:
+    a = a.transpose(2, 3, 1, 0)
+  elif a.ndim == 4 and len(target_shape) == 2 and a.shape[2:] == (1, 1):
+    a = a[:, :, 0, 0].T
+  elif a.ndim == 2 and len(target_shape) == 4 and target_shape[:2] == (1, 1):
+    a = a.T[None, None]
+  elif a.ndim == 2 and len(target_shape) == 2:
+    a = a.T
+  if tuple(a.shape) != tuple(target_shape):
+    raise ValueError(f"shape {tuple(array.shape)} does not fit {tuple(target_shape)}")
+  return a
+
+
+def to_torch_layout(array: np.ndarray, torch_shape: tuple[int, ...]) -> np.ndarray:
+  """Inverse of `to_flax_layout`: a vcjax array back into the PyTorch layout `torch_shape`."""
+  a = np.asarray(array)
+  if a.ndim == 4 and len(torch_shape) == 4:
+    a = a.transpose(3, 2, 0, 1)
+  elif a.ndim == 2 and len(torch_shape) == 4:
+    a = a.T[:, :, None, None]
+  elif a.ndim == 4 and len(torch_shape) == 2:
+    a = a[0, 0].T
+  elif a.ndim == 2 and len(torch_shape) == 2:
+    a = a.T
+  return a.reshape(torch_shape)
+
+
+def _summary(title: str, keys: list[str], limit: int = 8) -> str:
+  shown = ", ".join(keys[:limit]) + (", ..." if len(keys) > limit else "")
+  return f"{len(keys)} {title}: {shown}"
+
+
+def diffusers_key_to_path(key: str, targets: Mapping[str, object],
+                          renames: Iterable[tuple[str, str]] = DIFFUSERS_RENAMES) -> str:
+  """The vcjax parameter path a diffusers key maps to ('' if its param name has no target)."""
+  k = "." + key
+  for pattern, repl in renames:
+    k = re.sub(pattern, repl, k)
+  module_path, _, name = k[1:].rpartition(".")
+  if name == "weight":
+    for candidate in _WEIGHT_NAMES:
+      if f"{module_path}.{candidate}" in targets:
+        return f"{module_path}.{candidate}"
+    return f"{module_path}.kernel"
+  return f"{module_path}.{name}"
+
+
+def load_state_dict(module: nnx.Module, state_dict: Mapping[str, np.ndarray], *, strict: bool = True,
+                    ignore: Iterable[str] = (), renames: Iterable[tuple[str, str]] = DIFFUSERS_RENAMES,
+                    dtype=None, what: str = "model") -> nnx.Module:
+  """Copy a diffusers-named state dict into `module` (in place; also returned).
+
+  strict: every module parameter must be given and every key used; otherwise only the keys that match
+  are loaded (VideoMaker applies a full UNet over a base that way) and unknown keys are ignored.
+  ignore: regexes of source keys that are buffers vcjax recomputes (e.g. positional encodings).
+  dtype: cast every loaded array to this dtype (default: the module parameter's dtype).
+  Raises CheckpointError listing the first few missing / unexpected / mis-shaped keys with counts.
+  """
+  targets = module_param_shapes(module)
+  ignore_res = [re.compile(p) for p in ignore]
+  renames = tuple(renames)
+  values, unexpected, mismatched = {}, [], []
+  for key, array in state_dict.items():
+    if any(r.search(key) for r in ignore_res):
+      continue
+    path = diffusers_key_to_path(key, targets, renames)
+    if path not in targets:
+      unexpected.append(key)
+      continue
+    shape, param_dtype = targets[path]
+    try:
+      values[path] = to_flax_layout(array, shape).astype(dtype or param_dtype)
+    except ValueError as e:
+      mismatched.append(f"{key} {e}")
+  missing = sorted(set(targets) - set(values))
+  problems = []
+  if mismatched:
+    problems.append(_summary("wrongly shaped", mismatched))
+  if strict and missing:
+    problems.append(_summary("missing", missing))
+  if strict and unexpected:
+    problems.append(_summary("unexpected", sorted(unexpected)))
+  if problems:
+    raise CheckpointError(f"{what} weights do not fit: " + "; ".join(problems))
+  if not values:
+    raise CheckpointError(f"{what} weights: no key of the checkpoint matches the model")
+  state = nnx.state(module, nnx.Param)
+  flat = dict(nnx.to_flat_state(state))
+  for path, var in flat.items():
+    name = ".".join(str(p) for p in path)
+    if name in values:
+      var.set_value(jnp.asarray(values[name]))
+  nnx.update(module, nnx.from_flat_state(flat))
+  return module
+
+
+def export_state_dict(module: nnx.Module, torch_shapes: Mapping[str, tuple[int, ...]],
+                      renames: Iterable[tuple[str, str]] = DIFFUSERS_RENAMES) -> dict[str, np.ndarray]:
+  """vcjax params -> diffusers-named numpy arrays in PyTorch layout, for the keys of `torch_shapes`."""
+  targets = module_param_shapes(module)
+  params = {".".join(str(p) for p in path): np.asarray(var.get_value())
+            for path, var in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+  out = {}
+  for key, shape in torch_shapes.items():
+    path = diffusers_key_to_path(key, targets, renames)
+    if path in params:
+      out[key] = to_torch_layout(params[path], shape)
+  return out
+
+
+def abstract_module(factory):
+  """Build a module without allocating or initialising its weights (they get loaded next)."""
+  return nnx.eval_shape(factory)
+
+
+def materialize(module: nnx.Module) -> nnx.Module:
+  """Give every parameter of an abstract module a zero array, so that it can be loaded into."""
+  state = nnx.state(module)
+  state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), state)
+  nnx.update(module, state)
+  return module
