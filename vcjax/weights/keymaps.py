@@ -43,10 +43,16 @@ def module_param_shapes(module: nnx.Module) -> dict[str, tuple[tuple[int, ...], 
   return out
 
 
-def to_flax_layout(array: np.ndarray, target_shape: tuple[int, ...]) -> np.ndarray:
-  """Transpose a PyTorch weight into the flax layout of `target_shape` (or fail on a mismatch)."""
+def to_flax_layout(array: np.ndarray, target_shape: tuple[int, ...], *, name: str = "") -> np.ndarray:
+  """Transpose a PyTorch weight into the flax layout of `target_shape` (or fail on a mismatch).
+
+  name: the target parameter's name; an `embedding` table is (num, dim) in both frameworks, so it is
+  never transposed (a square table would otherwise load silently transposed).
+  """
   a = np.asarray(array)
-  if a.ndim == 4 and len(target_shape) == 4:
+  if name == "embedding":
+    pass
+  elif a.ndim == 4 and len(target_shape) == 4:
     a = a.transpose(2, 3, 1, 0)
   elif a.ndim == 4 and len(target_shape) == 2 and a.shape[2:] == (1, 1):
     a = a[:, :, 0, 0].T
@@ -59,10 +65,12 @@ def to_flax_layout(array: np.ndarray, target_shape: tuple[int, ...]) -> np.ndarr
   return a
 
 
-def to_torch_layout(array: np.ndarray, torch_shape: tuple[int, ...]) -> np.ndarray:
+def to_torch_layout(array: np.ndarray, torch_shape: tuple[int, ...], *, name: str = "") -> np.ndarray:
   """Inverse of `to_flax_layout`: a vcjax array back into the PyTorch layout `torch_shape`."""
   a = np.asarray(array)
-  if a.ndim == 4 and len(torch_shape) == 4:
+  if name == "embedding":
+    pass
+  elif a.ndim == 4 and len(torch_shape) == 4:
     a = a.transpose(3, 2, 0, 1)
   elif a.ndim == 2 and len(torch_shape) == 4:
     a = a.T[:, :, None, None]
@@ -117,7 +125,7 @@ def load_state_dict(module: nnx.Module, state_dict: Mapping[str, np.ndarray], *,
       continue
     shape, param_dtype = targets[path]
     try:
-      values[path] = to_flax_layout(array, shape).astype(dtype or param_dtype)
+      values[path] = to_flax_layout(array, shape, name=path.rpartition(".")[2]).astype(dtype or param_dtype)
     except ValueError as e:
       mismatched.append(f"{key} {e}")
   missing = sorted(set(targets) - set(values))
@@ -152,7 +160,7 @@ def export_state_dict(module: nnx.Module, torch_shapes: Mapping[str, tuple[int, 
   for key, shape in torch_shapes.items():
     path = diffusers_key_to_path(key, targets, renames)
     if path in params:
-      out[key] = to_torch_layout(params[path], shape)
+      out[key] = to_torch_layout(params[path], shape, name=path.rpartition(".")[2])
   return out
 
 

@@ -1,0 +1,51 @@
+"""The CLIP BPE tokenizer (transformers' CLIPTokenizer) and prompt -> id arrays as the SD pipelines do.
+
+transformers is a runtime dependency for this only; nothing here imports torch (ids come back as numpy).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+
+_BPE_FILES = ("vocab.json", "merges.txt")
+
+
+def _tokenizer_dir(path: str | os.PathLike) -> str:
+  """The folder holding the tokenizer files: `path` itself or its `tokenizer/` (diffusers model root)."""
+  path = os.fspath(path)
+  for folder in (path, os.path.join(path, "tokenizer")):
+    if all(os.path.isfile(os.path.join(folder, f)) for f in _BPE_FILES):
+      return folder
+    if os.path.isfile(os.path.join(folder, "tokenizer.json")):
+      return folder
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"CLIP tokenizer folder {path!r} does not exist")
+  present = sorted(os.listdir(path))
+  raise FileNotFoundError(
+      f"no CLIP tokenizer in {path!r}: expected vocab.json and merges.txt (or tokenizer.json) there or in "
+      f"its tokenizer/ subfolder; found {present[:12]}")
+
+
+def load_tokenizer(path: str | os.PathLike):
+  """transformers' CLIPTokenizer from a local folder (vocab.json + merges.txt, optional
+  tokenizer_config.json / special_tokens_map.json), or from a diffusers model root's `tokenizer/`.
+
+  Raises FileNotFoundError naming the missing files. Never touches the network.
+  """
+  folder = _tokenizer_dir(path)
+  from transformers import CLIPTokenizer  # Imported here: only tokenizing needs transformers.
+  return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+def tokenize(tokenizer, prompts: str | Sequence[str], max_length: int = 77) -> np.ndarray:
+  """Prompts -> ids `(B, max_length)` int32: BOS, tokens, EOS, padded with the tokenizer's pad token
+  and truncated to `max_length` (keeping a final EOS), as diffusers' SD pipelines call the tokenizer.
+  """
+  if isinstance(prompts, str):
+    prompts = [prompts]
+  enc = tokenizer(list(prompts), padding="max_length", max_length=max_length, truncation=True,
+                  return_tensors="np")
+  return np.asarray(enc["input_ids"], dtype=np.int32)
