@@ -1,0 +1,58 @@
+"""The AnimateDiff motion module: a transformer over the frame axis, one per spatial position.
+
+Names follow diffusers' AnimateDiffTransformer3D (norm, proj_in, transformer_blocks.i.{attn1, attn2, ff},
+proj_out); the original checkpoints' names are mapped onto them in vcjax/weights/motion_keys.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vcjax.models.blocks import TransformerBlock
+from vcjax.nn.layers import GroupNorm, Linear
+
+
+def sinusoidal_positions(length: int, dim: int) -> np.ndarray:
+  """AnimateDiff's interleaved pe: pe[:, 0::2] = sin, pe[:, 1::2] = cos. `(length, dim)` float32."""
+  position = np.arange(length, dtype=np.float32)[:, None]
+  div_term = np.exp(np.arange(0, dim, 2, dtype=np.float32) * (-math.log(10000.0) / dim))
+  pe = np.zeros((length, dim), np.float32)
+  pe[:, 0::2] = np.sin(position * div_term)
+  pe[:, 1::2] = np.cos(position * div_term)
+  return pe
+
+
+class MotionModule(nnx.Module):
+  """Temporal transformer with residual. x `(B, F, H, W, C)` -> same shape.
+
+  GroupNorm(eps 1e-6) with statistics per frame (original AnimateDiff) or across frames (diffusers),
+  Linear proj_in, `depth` blocks of two temporal self-attentions + GEGLU FF with the sinusoidal pe added
+  to the normed input of each attention, Linear proj_out, + x. Attention runs over F for every (b, h, w).
+  """
+
+  def __init__(self, channels: int, heads: int, *, depth: int = 1, max_seq_length: int = 32, groups: int = 32,
+               across_frames: bool = True, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.max_seq_length = max_seq_length
+    self.norm = GroupNorm(groups, channels, epsilon=1e-6, across_frames=across_frames, param_dtype=param_dtype)
+    self.proj_in = Linear(channels, channels, **kw)
+    self.transformer_blocks = nnx.List(
+        [TransformerBlock(channels, heads, None, **kw) for _ in range(depth)])
+    self.proj_out = Linear(channels, channels, **kw)
+
+  def __call__(self, x):
+    b, f, hgt, wid, c = x.shape
+    if f > self.max_seq_length:
+      raise ValueError(f"{f} frames exceed the motion module's positional encoding length "
+                       f"{self.max_seq_length}")
+    h = self.proj_in(self.norm(x))
+    h = h.transpose(0, 2, 3, 1, 4).reshape(b * hgt * wid, f, c)  # tokens (b h w) x f
+    pe = jnp.asarray(sinusoidal_positions(f, c), h.dtype)[None]
+    for block in self.transformer_blocks:
+      h = block(h, pos_embed=pe)
+    h = self.proj_out(h).reshape(b, hgt, wid, f, c).transpose(0, 3, 1, 2, 4)
+    return x + h
