@@ -2,7 +2,7 @@
 
     python convert/animatediff.py --base PATH --motion-module PATH [--lora PATH[:SCALE] ...] \
         [--norm-semantics original|diffusers] [--version v1|v2|v3] [--tokenizer DIR] \
-        [--unet-weights PATH ...] [--dtype float32|float16|bfloat16] --out DIR
+        [--unet-weights PATH ...] [--base-config DIR] [--dtype float32|float16|bfloat16] --out DIR
 
 --base: a diffusers model folder (unet/, vae/, text_encoder/, tokenizer/) or an LDM single file
 (.safetensors/.ckpt). --motion-module: an original AnimateDiff .ckpt/.safetensors or a diffusers
@@ -29,6 +29,9 @@ def parse_args(argv=None):
   p.add_argument("--version", choices=("v1", "v2", "v3"), default=None,
                  help="motion module version; default: detected from the keys and the pe shape")
   p.add_argument("--tokenizer", default=None, help="tokenizer folder (single-file bases carry none)")
+  p.add_argument("--base-config", default=None,
+                 help="diffusers folder whose unet/vae/text_encoder config.json describe a single-file base "
+                      "that is not SD1.5-shaped (default: SD1.5)")
   p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
   p.add_argument("--out", required=True)
   return p.parse_args(argv)
@@ -38,13 +41,16 @@ def main(argv=None) -> int:
   args = parse_args(argv)
   from vcjax.loading import save_pipeline
   from vcjax.weights.errors import CheckpointError
-  from vcjax.weights.lora import parse_lora_arg
   from vcjax.weights.pipeline import assemble
 
   start = time.time()
   try:
-    pipe = assemble(args.base, args.motion_module, tokenizer=args.tokenizer,
-                    loras=tuple(parse_lora_arg(s) for s in args.lora),
+    loras = ()
+    if args.lora:
+      from vcjax.weights.lora import parse_lora_arg
+      loras = tuple(parse_lora_arg(s) for s in args.lora)
+    pipe = assemble(args.base, args.motion_module, tokenizer=args.tokenizer, config_dir=args.base_config,
+                    loras=loras,
                     unet_weights=tuple(args.unet_weights), version=args.version,
                     semantics=args.norm_semantics)
     info = save_pipeline(pipe, args.out, dtype=args.dtype, log=print)

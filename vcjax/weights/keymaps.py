@@ -115,7 +115,7 @@ def load_state_dict(module: nnx.Module, state_dict: Mapping[str, np.ndarray], *,
   targets = module_param_shapes(module)
   ignore_res = [re.compile(p) for p in ignore]
   renames = tuple(renames)
-  values, unexpected, mismatched = {}, [], []
+  values, unexpected, mismatched, mismatched_paths = {}, [], [], set()
   for key, array in state_dict.items():
     if any(r.search(key) for r in ignore_res):
       continue
@@ -128,7 +128,8 @@ def load_state_dict(module: nnx.Module, state_dict: Mapping[str, np.ndarray], *,
       values[path] = to_flax_layout(array, shape, name=path.rpartition(".")[2]).astype(dtype or param_dtype)
     except ValueError as e:
       mismatched.append(f"{key} {e}")
-  missing = sorted(set(targets) - set(values))
+      mismatched_paths.add(path)
+  missing = sorted(set(targets) - set(values) - mismatched_paths)
   problems = []
   if mismatched:
     problems.append(_summary("wrongly shaped", mismatched))

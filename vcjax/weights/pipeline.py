@@ -72,8 +72,22 @@ def _unet_fields_from_ldm(sd: Mapping[str, np.ndarray]) -> dict[str, Any]:
   return fields
 
 
-def read_base(path: str, *, tokenizer: str | None = None, dtype=None) -> Pipeline:
-  """A base image model: a diffusers folder (unet/, vae/, text_encoder/, tokenizer/) or an LDM file."""
+def _read_json(path: str) -> dict[str, Any]:
+  import json
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f"{path}: cannot read config ({e})") from None
+
+
+def read_base(path: str, *, tokenizer: str | None = None, config_dir: str | None = None,
+              dtype=None) -> Pipeline:
+  """A base image model: a diffusers folder (unet/, vae/, text_encoder/, tokenizer/) or an LDM file.
+
+  An LDM single file carries no architecture config: SD1.5's is assumed unless `config_dir` names a
+  diffusers folder whose unet/vae/text_encoder config.json describe it (as diffusers' from_single_file).
+  """
   if sources.is_diffusers_folder(path):
     unet_cfg, unet = sources.read_diffusers_component(path, "unet", dtype)
     fields = unet_fields_from_diffusers(unet_cfg)
@@ -96,13 +110,18 @@ def read_base(path: str, *, tokenizer: str | None = None, dtype=None) -> Pipelin
     raise CheckpointError(f"{path}: neither a diffusers folder nor an LDM single-file checkpoint "
                           "(no model.diffusion_model.* keys)")
   parts = ldm.split_ldm_checkpoint(state)
-  config = UNet3DConfig(**_unet_fields_from_ldm(parts["unet"]))
+  cfg = lambda name: _read_json(os.path.join(config_dir, name, "config.json")) if config_dir else {}
+  fields = unet_fields_from_diffusers(cfg("unet")) if config_dir else _unet_fields_from_ldm(parts["unet"])
+  config = UNet3DConfig(**fields)
+  if tokenizer is None and config_dir and os.path.isdir(os.path.join(config_dir, "tokenizer")):
+    tokenizer = os.path.join(config_dir, "tokenizer")
   pipe = Pipeline(unet=ldm.ldm_unet_to_diffusers(parts["unet"], config), unet_config=config,
                   tokenizer_dir=tokenizer, info={"base": "ldm"})
   if parts["vae"]:
-    pipe.vae, pipe.vae_config = ldm.ldm_vae_to_diffusers(parts["vae"]), VAEConfig()
+    pipe.vae, pipe.vae_config = ldm.ldm_vae_to_diffusers(parts["vae"]), VAEConfig.from_dict(cfg("vae"))
   if parts["text_encoder"]:
-    pipe.text_encoder, pipe.text_config = ldm.ldm_clip_to_diffusers(parts["text_encoder"]), CLIPTextConfig()
+    pipe.text_encoder = ldm.ldm_clip_to_diffusers(parts["text_encoder"])
+    pipe.text_config = CLIPTextConfig.from_dict(cfg("text_encoder"))
   return pipe
 
 
@@ -145,10 +164,11 @@ def motion_fields(info: Mapping[str, Any], version: str | None, semantics: str |
 
 
 def assemble(base: str, motion_module: str | None = None, *, tokenizer: str | None = None,
+             config_dir: str | None = None,
              loras: tuple[tuple[str, float], ...] = (), unet_weights: tuple[str, ...] = (),
              version: str | None = None, semantics: str | None = None, dtype=None) -> Pipeline:
   """The whole pipeline: base + motion module (+ LoRAs merged, + full-UNet overrides applied)."""
-  pipe = read_base(base, tokenizer=tokenizer, dtype=dtype)
+  pipe = read_base(base, tokenizer=tokenizer, config_dir=config_dir, dtype=dtype)
   if motion_module:
     motion, info = read_motion_module(motion_module, dtype)
     pipe.unet = {k: v for k, v in pipe.unet.items() if ".motion_modules." not in k}
