@@ -1,6 +1,9 @@
 import os
 
-import pytest
+# Multi-device code is tested on 8 simulated CPU devices; this must happen before JAX starts.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
