@@ -1,0 +1,369 @@
+"""tensorflow-datasets builders (array_record files, no TensorFlow) for subject images and video clips.
+
+Every feature is a plain numpy tensor (tfds' Image/Video features need TensorFlow), so the prepared data is
+read back with `tfds.data_source(...)` + grain. Files that cannot be decoded are skipped and counted, never
+fatal: the counts (and the first skipped paths with reasons) are logged and saved in the dataset's
+`metadata.json` (`builder.info.metadata["stats"]`); `prepare_*` return them.
+
+Layouts (the `src_dir` given to `prepare_*`, tfds' manual_dir):
+
+SUBJECT IMAGES (`prepare_subject_dataset`, tfds name `vcjax_subject_images/<name>`)
+  src_dir/<image>.jpg|jpeg|png|webp|bmp   subject images (split "train")
+  src_dir/<image>.txt                     optional caption of that image
+  src_dir/masks/<image stem>.png          optional subject mask (white = subject; an RGBA file's alpha
+                                          is used); without one, an RGBA image's own alpha is the mask
+  src_dir/class/<image>.jpg|png ...       optional prior-preservation class images (split "prior"),
+  src_dir/class/<image>.txt               with optional captions
+  Stored record: image `(S, S, 3)` uint8 = the image resized so its longer side is S (image_size, default
+  512) and centered on a white square; mask `(S, S)` uint8 (0 in the padding; 255 on the whole image
+  when there is no mask); box `(4,)` int32 = (y0, x0, y1, x1) of the image on the square; has_mask;
+  caption; name.
+
+VIDEO CLIPS (`prepare_video_dataset`, tfds name `vcjax_video_clips/<name>`; CelebV-Text / VideoBooth style)
+  src_dir/<clip_id>/video.mp4             the clip (any one file with a video extension), OR
+  src_dir/<clip_id>/frames/*.jpg|png      its frames, in name order (zero-padded numbers)
+  src_dir/<clip_id>/reference.png|jpg     optional reference image; default: the first stored frame
+  src_dir/<clip_id>/mask.png              optional subject mask OF THE REFERENCE (same aspect ratio)
+  src_dir/<clip_id>/caption.txt           caption; several lines = several captions (one is drawn per use)
+  Stored record: frames `(F, H, W, 3)` uint8, F frames (num_frames) sampled with `frame_stride` from
+  the clip's center (sampling="stride"; the stride shrinks, down to 1, for short clips) or evenly over
+  a `window`-frame window at the center (sampling="window"), each resized to cover (H, W) and
+  center-cropped; reference `(R, R, 3)` uint8 (longer side R, white square padding) + reference_mask
+  `(R, R)` + reference_box, as for subject images; frame_indices `(F,)` int32; caption; clip_id.
+  Clips with fewer than F frames are skipped and counted ("too_short").
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import logging
+import os
+import re
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from vcjax import media
+from vcjax.data import captions
+from vcjax.data.shp import WHITE, box_mask, fit_in_square
+
+log = logging.getLogger(__name__)
+SUBJECT_DATASET = "vcjax_subject_images"
+VIDEO_DATASET = "vcjax_video_clips"
+_MAX_LISTED = 100  # Skipped paths kept in the metadata (all are counted).
+
+
+class _Skip(Exception):
+  """An item to skip, with the reason it is counted under ("image", "mask", "video", "too_short", ...)."""
+
+  def __init__(self, reason: str, err: Exception | str):
+    super().__init__(str(err))
+    self.reason = reason
+
+
+def _read(reason: str, fn, *args, **kwargs):
+  """fn(*args, **kwargs), with a decoding failure turned into _Skip(reason)."""
+  try:
+    return fn(*args, **kwargs)
+  except media.MediaError as e:
+    raise _Skip(reason, e) from e
+
+
+class _Stats:
+  """Counts kept and skipped items of one split; publishes into the builder's info.metadata."""
+
+  def __init__(self, builder, split: str):
+    self.builder, self.split = builder, split
+    self.kept, self.reasons, self.files = 0, {}, []
+
+  def skip(self, path: str, reason: str, err: Exception | str):
+    self.reasons[reason] = self.reasons.get(reason, 0) + 1
+    if len(self.files) < _MAX_LISTED:
+      self.files.append(f"{path}: {err}")
+    log.warning("skipping %s (%s): %s", path, reason, err)
+
+  def publish(self):
+    skipped = sum(self.reasons.values())
+    stats = self.builder.info.metadata.setdefault("stats", {})
+    stats[self.split] = {"kept": self.kept, "skipped": skipped, "reasons": dict(self.reasons),
+                         "skipped_files": list(self.files)}
+    log.info("%s split %r: kept %d, skipped %d %s", self.builder.name, self.split, self.kept, skipped,
+             self.reasons)
+    if self.kept == 0:
+      raise ValueError(f"{self.builder.name}: no readable items for split {self.split!r} "
+                       f"(skipped {skipped}: {self.files[:5]})")
+
+
+def _find(folder: str, stem: str, extensions) -> str | None:
+  for ext in extensions:
+    for e in (ext, ext.upper()):
+      p = os.path.join(folder, stem + e)
+      if os.path.isfile(p):
+        return p
+  return None
+
+
+def _fit_mask(mask: np.ndarray, shape: tuple[int, int], path: str) -> np.ndarray:
+  """A mask resized to an image's (H, W); refuses a different aspect ratio (a mask of another image)."""
+  if mask.shape == tuple(shape):
+    return mask
+  (mh, mw), (h, w) = mask.shape, shape
+  if abs(mh / mw - h / w) > 0.02 * (h / w):
+    raise media.MediaError(f"{path}: mask {mw}x{mh} does not match image {w}x{h}")
+  return media.resize(mask, shape, nearest=True)
+
+
+def _square_record(image: np.ndarray, mask: np.ndarray | None, size: int) -> dict:
+  """image + optional mask -> the stored square canvas (white padding), mask (0 padding), box, has_mask."""
+  canvas, box = fit_in_square(image, size, WHITE)
+  if mask is None:
+    sq_mask = box_mask((size, size), box)
+  else:
+    sq_mask, _ = fit_in_square(mask, size, 0)
+  return {"image": canvas, "mask": sq_mask, "box": np.asarray(box, np.int32), "has_mask": mask is not None}
+
+
+# ------------------------------------------------------------------------------------------ subjects
+
+@dataclasses.dataclass
+class SubjectImagesConfig(tfds.core.BuilderConfig):
+  image_size: int = 512
+  mask_dir: str = "masks"
+  class_dir: str = "class"
+
+
+class VcjaxSubjectImages(tfds.core.GeneratorBasedBuilder):
+  """Subject images (+ masks, captions) and prior-preservation class images. See the module docstring."""
+
+  # No download checksums file next to the code: skips tfds' code-path lookup (it needs the undeclared
+  # `importlib_resources` package for builders that live inside a package).
+  code_path = None
+  VERSION = tfds.core.Version("1.0.0")
+  MANUAL_DOWNLOAD_INSTRUCTIONS = __doc__
+  BUILDER_CONFIGS = [SubjectImagesConfig(name="subject")]
+
+  def _info(self):
+    s = self.builder_config.image_size
+    return tfds.core.DatasetInfo(
+        builder=self, description="Subject images stored as white-padded squares with masks.",
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Tensor(shape=(s, s, 3), dtype=np.uint8),
+            "mask": tfds.features.Tensor(shape=(s, s), dtype=np.uint8),
+            "box": tfds.features.Tensor(shape=(4,), dtype=np.int32),
+            "has_mask": tfds.features.Scalar(dtype=np.bool_),
+            "caption": tfds.features.Text(),
+            "name": tfds.features.Text(),
+        }),
+        metadata=tfds.core.MetadataDict())
+
+  def _split_generators(self, dl_manager):
+    root = os.fspath(dl_manager.manual_dir)
+    cfg = self.builder_config
+    splits = {"train": self._generate_examples(root, "", cfg.mask_dir, "train")}
+    if media.list_images(os.path.join(root, cfg.class_dir)):
+      splits["prior"] = self._generate_examples(root, cfg.class_dir, None, "prior")
+    return splits
+
+  def _generate_examples(self, root, sub, mask_dir, split):
+    stats = _Stats(self, split)
+    folder = os.path.join(root, sub)
+    for path in media.list_images(folder):
+      rel = os.path.relpath(path, root)
+      try:
+        rec = self._example(path, root, mask_dir, rel)
+      except _Skip as e:
+        stats.skip(rel, e.reason, e)
+        continue
+      stats.kept += 1
+      yield rel, rec
+    stats.publish()
+
+  def _example(self, path, root, mask_dir, rel):
+    image, alpha = _read("image", media.read_image, path, return_alpha=True)
+    stem = os.path.splitext(os.path.basename(path))[0]
+    mask = alpha
+    mask_path = _find(os.path.join(root, mask_dir), stem, media.IMAGE_EXTENSIONS) if mask_dir else None
+    if mask_path:
+      mask = _read("mask", lambda: _fit_mask(media.read_mask(mask_path), image.shape[:2], mask_path))
+    rec = _square_record(image, mask, self.builder_config.image_size)
+    rec["caption"] = captions.read_caption_file(os.path.splitext(path)[0] + ".txt")
+    rec["name"] = rel
+    return rec
+
+
+# ------------------------------------------------------------------------------------------ videos
+
+@dataclasses.dataclass
+class VideoClipsConfig(tfds.core.BuilderConfig):
+  num_frames: int = 16
+  frame_stride: int = 8
+  sampling: str = "stride"  # "stride" | "window"
+  window: int = 64
+  height: int = 512
+  width: int = 512
+  reference_size: int = 512
+  num_workers: int = 4  # Clips decoded in parallel threads (ffmpeg runs as a subprocess).
+
+
+def sample_frame_indices(length: int, num_frames: int, *, sampling: str = "stride", stride: int = 8,
+                         window: int = 64) -> np.ndarray:
+  """Indices of the F frames to keep from a clip of `length` frames (centered in the clip).
+
+  "stride": every `stride`-th frame, the stride reduced (to >= 1) when the clip is too short.
+  "window": F indices evenly spaced over a min(window, length)-frame window.
+  Raises ValueError when length < num_frames.
+  """
+  if length < num_frames:
+    raise ValueError(f"clip has {length} frames, needs {num_frames}")
+  if num_frames == 1:
+    return np.asarray([length // 2], np.int32)
+  if sampling == "stride":
+    stride = max(1, min(stride, (length - 1) // (num_frames - 1)))
+    span = (num_frames - 1) * stride + 1
+    return ((length - span) // 2 + stride * np.arange(num_frames)).astype(np.int32)
+  if sampling == "window":
+    w = min(window, length)
+    start = (length - w) // 2
+    return (start + np.round(np.linspace(0, w - 1, num_frames))).astype(np.int32)
+  raise ValueError(f"unknown sampling {sampling!r}: 'stride' or 'window'")
+
+
+def _clip_source(folder: str) -> str:
+  """The video file or frames folder of a clip folder."""
+  frames = os.path.join(folder, "frames")
+  if os.path.isdir(frames):
+    return frames
+  videos = sorted(f for f in os.listdir(folder) if media.is_video(f))
+  if not videos:
+    raise _Skip("missing", f"{folder}: no video file and no frames/ folder")
+  return os.path.join(folder, videos[0])
+
+
+class VcjaxVideoClips(tfds.core.GeneratorBasedBuilder):
+  """Video clips + reference image + subject mask + caption. See the module docstring."""
+
+  code_path = None  # As in VcjaxSubjectImages.
+  VERSION = tfds.core.Version("1.0.0")
+  MANUAL_DOWNLOAD_INSTRUCTIONS = __doc__
+  BUILDER_CONFIGS = [VideoClipsConfig(name="videos")]
+
+  def _info(self):
+    c = self.builder_config
+    r = c.reference_size
+    return tfds.core.DatasetInfo(
+        builder=self, description="Video clips with a white-padded reference image and its subject mask.",
+        features=tfds.features.FeaturesDict({
+            "frames": tfds.features.Tensor(shape=(c.num_frames, c.height, c.width, 3), dtype=np.uint8),
+            "frame_indices": tfds.features.Tensor(shape=(c.num_frames,), dtype=np.int32),
+            "reference": tfds.features.Tensor(shape=(r, r, 3), dtype=np.uint8),
+            "reference_mask": tfds.features.Tensor(shape=(r, r), dtype=np.uint8),
+            "reference_box": tfds.features.Tensor(shape=(4,), dtype=np.int32),
+            "has_mask": tfds.features.Scalar(dtype=np.bool_),
+            "caption": tfds.features.Text(),
+            "clip_id": tfds.features.Text(),
+        }),
+        metadata=tfds.core.MetadataDict())
+
+  def _split_generators(self, dl_manager):
+    root = os.fspath(dl_manager.manual_dir)
+    clips = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    return {"train": self._generate_examples(root, clips)}
+
+  def _generate_examples(self, root, clips):
+    stats = _Stats(self, "train")
+
+    def load(clip_id):
+      try:
+        return clip_id, self._example(os.path.join(root, clip_id), clip_id), None
+      except _Skip as e:
+        return clip_id, None, (e.reason, e)
+
+    workers = max(1, self.builder_config.num_workers)
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+      for clip_id, rec, err in pool.map(load, clips):  # map keeps the clip order: deterministic files.
+        if err is not None:
+          stats.skip(clip_id, *err)
+          continue
+        stats.kept += 1
+        yield clip_id, rec
+    stats.publish()
+
+  def _example(self, folder, clip_id):
+    c = self.builder_config
+    source = _clip_source(folder)
+    length = _read("video", media.video_length, source)
+    if length < c.num_frames:
+      raise _Skip("too_short", f"clip has {length} frames, needs {c.num_frames}")
+    indices = sample_frame_indices(length, c.num_frames, sampling=c.sampling, stride=c.frame_stride,
+                                   window=c.window)
+    raw = _read("video", media.read_video_frames, source, indices)
+    frames = np.stack([media.resize_cover(f, (c.height, c.width)) for f in raw])
+
+    ref_path = _find(folder, "reference", media.IMAGE_EXTENSIONS)
+    if ref_path:
+      reference = _read("reference", media.read_image, ref_path)
+    else:
+      reference = raw[0]
+    mask = None
+    mask_path = _find(folder, "mask", media.IMAGE_EXTENSIONS)
+    if mask_path:
+      mask = _read("mask", lambda: _fit_mask(media.read_mask(mask_path), reference.shape[:2], mask_path))
+    ref = _square_record(reference, mask, c.reference_size)
+    return {"frames": frames, "frame_indices": indices, "reference": ref["image"],
+            "reference_mask": ref["mask"], "reference_box": ref["box"], "has_mask": ref["has_mask"],
+            "caption": captions.read_caption_file(os.path.join(folder, "caption.txt")), "clip_id": clip_id}
+
+
+# ------------------------------------------------------------------------------------------ entry points
+
+def _check_name(name: str):
+  if not re.fullmatch(r"[A-Za-z0-9_]+", name):
+    raise ValueError(f"dataset name {name!r}: use letters, digits and '_' only")
+
+
+def _prepare(builder, src_dir: str, overwrite: bool) -> dict:
+  if not os.path.isdir(src_dir):
+    raise FileNotFoundError(f"source folder {src_dir!r} does not exist")
+  mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
+          else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      manual_dir=os.fspath(src_dir), download_mode=mode))
+  info = builder.info
+  return {"dataset": f"{info.name}/{builder.builder_config.name}", "data_dir": os.fspath(builder.data_dir),
+          "splits": {k: v.num_examples for k, v in info.splits.items()},
+          "stats": dict(info.metadata.get("stats", {}))}
+
+
+def prepare_subject_dataset(src_dir: str, data_dir: str, name: str = "subject", *, image_size: int = 512,
+                            mask_dir: str = "masks", class_dir: str = "class", overwrite: bool = False) -> dict:
+  """Build `vcjax_subject_images/<name>` in `data_dir` from a subject-image folder (layout: module doc).
+
+  Returns {"dataset": tfds name, "data_dir": version folder, "splits": {split: count},
+  "stats": {split: {"kept", "skipped", "reasons", "skipped_files"}}}. An existing dataset of that name is
+  reused unless `overwrite`.
+  """
+  _check_name(name)
+  config = SubjectImagesConfig(name=name, image_size=image_size, mask_dir=mask_dir, class_dir=class_dir)
+  builder = VcjaxSubjectImages(config=config, data_dir=data_dir, file_format="array_record")
+  return _prepare(builder, src_dir, overwrite)
+
+
+def prepare_video_dataset(src_dir: str, data_dir: str, name: str = "videos", *, num_frames: int = 16,
+                          frame_stride: int = 8, sampling: str = "stride", window: int = 64,
+                          size: tuple[int, int] = (512, 512), reference_size: int = 512, num_workers: int = 4,
+                          overwrite: bool = False) -> dict:
+  """Build `vcjax_video_clips/<name>` in `data_dir` from a clip folder (layout: module doc).
+
+  VideoMaker presets: CelebV-Text = num_frames 16, frame_stride 8 (sampling "stride"); VideoBooth =
+  16 frames evenly over a 64-frame window (sampling "window"). Returns the same dict as
+  `prepare_subject_dataset`.
+  """
+  _check_name(name)
+  if sampling not in ("stride", "window"):
+    raise ValueError(f"unknown sampling {sampling!r}: 'stride' or 'window'")
+  config = VideoClipsConfig(name=name, num_frames=num_frames, frame_stride=frame_stride, sampling=sampling,
+                            window=window, height=size[0], width=size[1], reference_size=reference_size,
+                            num_workers=num_workers)
+  builder = VcjaxVideoClips(config=config, data_dir=data_dir, file_format="array_record")
+  return _prepare(builder, src_dir, overwrite)
