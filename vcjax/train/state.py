@@ -1,0 +1,157 @@
+"""Train state and the pure, jitted train step.
+
+The model is split ONCE into (graphdef, trainable, frozen); trainable and frozen are nested dicts of
+arrays (`nnx.State.to_pure_dict()`), so optax, orbax and sharding rules see plain pytrees. The step
+
+    train_step(trainable, opt_state, frozen, batch, key) -> (trainable, opt_state, metrics)
+
+merges them back into the model inside the trace, differentiates the objective w.r.t. `trainable` only,
+and applies AdamW after global-norm clipping. trainable and opt_state are donated.
+
+Parallelism: `Trainer` places trainable / frozen with `param_shardings(params, mesh, mode)` (mode
+"replicate" = data parallel, "fsdp" = parameters sharded over the mesh's fsdp axis), the optimizer state
+like its parameters, the batch over (data, fsdp), and jits the step with those in/out shardings.
+Random numbers are drawn at global shapes inside the step (threefry is partitionable), so a run's
+numbers do not depend on the device count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from vcjax import parallel
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  learning_rate: float = 1e-5
+  weight_decay: float = 1e-2
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  grad_clip: float = 1.0  # global norm; <= 0 disables
+  warmup_steps: int = 0  # linear warmup, then constant
+
+
+def learning_rate_schedule(cfg: OptimizerConfig) -> optax.Schedule:
+  if cfg.warmup_steps > 0:
+    return optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps)  # stays at the end value
+  return optax.constant_schedule(cfg.learning_rate)
+
+
+def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
+  """clip_by_global_norm -> AdamW (torch.optim.AdamW semantics: decoupled decay on every trainable)."""
+  adamw = optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                      weight_decay=cfg.weight_decay)
+  return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw) if cfg.grad_clip > 0 else adamw
+
+
+def split_model(model: nnx.Module, trainable_filter) -> tuple[nnx.GraphDef, dict, dict]:
+  """-> (graphdef, trainable pure dict, frozen pure dict). Everything not trainable is frozen."""
+  graphdef, trainable, frozen = nnx.split(model, trainable_filter, ...)
+  return graphdef, trainable.to_pure_dict(), frozen.to_pure_dict()
+
+
+def merge_model(graphdef, trainable, frozen) -> nnx.Module:
+  return nnx.merge(graphdef, nnx.State(trainable), nnx.State(frozen))
+
+
+def count_params(tree) -> int:
+  return int(sum(x.size for x in jax.tree.leaves(tree)))
+
+
+LossFn = Callable[[nnx.Module, dict, jax.Array], tuple[jax.Array, dict]]
+
+
+def make_train_step(graphdef, loss_fn: LossFn, tx: optax.GradientTransformation):
+  """The pure train step (not jitted): loss_fn(model, batch, key) -> (loss, aux dict of scalars)."""
+
+  def train_step(trainable, opt_state, frozen, batch, key):
+    def objective(tr):
+      return loss_fn(merge_model(graphdef, tr, frozen), batch, key)
+
+    (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
+    updates, opt_state = tx.update(grads, opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}  # grad norm before clipping
+    return trainable, opt_state, metrics
+
+  return train_step
+
+
+class Trainer:
+  """Holds the split model, the optimizer and the jitted, sharded step.
+
+  trainer = Trainer(model, trainable_filter, loss_fn, OptimizerConfig(...), mesh=..., param_mode=...)
+  trainable, opt_state = trainer.init()
+  trainable, opt_state, metrics = trainer.step(trainable, opt_state, batch, key)
+  """
+
+  def __init__(self, model: nnx.Module, trainable_filter, loss_fn: LossFn, opt_cfg: OptimizerConfig, *,
+               mesh=None, param_mode: str = "replicate"):
+    par = self.par = parallel
+    self.mesh = mesh if mesh is not None else par.make_mesh()
+    self.graphdef, trainable, frozen = split_model(model, trainable_filter)
+    if not jax.tree.leaves(trainable):
+      raise ValueError("the trainable filter selects no parameters")
+    self.tx = make_optimizer(opt_cfg)
+    self.lr_schedule = learning_rate_schedule(opt_cfg)
+    self.param_mode = param_mode
+    self.trainable_shardings = par.param_shardings(trainable, self.mesh, param_mode)
+    self.frozen_shardings = par.param_shardings(frozen, self.mesh, param_mode)
+    self.replicated = NamedSharding(self.mesh, P())
+    abstract_opt = jax.eval_shape(self.tx.init, trainable)
+    self.opt_shardings = optax.tree_map_params(
+        self.tx, lambda _, s: s, abstract_opt, self.trainable_shardings,
+        transform_non_params=lambda _: self.replicated)
+    self.frozen = jax.device_put(frozen, self.frozen_shardings)
+    self._initial_trainable = trainable
+    self.batch_sharding = par.batch_sharding(self.mesh)
+    step = make_train_step(self.graphdef, loss_fn, self.tx)
+    self._step = jax.jit(
+        step, donate_argnums=(0, 1),
+        in_shardings=(self.trainable_shardings, self.opt_shardings, self.frozen_shardings,
+                      self.batch_sharding, self.replicated),
+        out_shardings=(self.trainable_shardings, self.opt_shardings, self.replicated))
+    self.num_trainable = count_params(trainable)
+    self.num_frozen = count_params(frozen)
+
+  def init(self) -> tuple[Any, Any]:
+    """Initial (trainable, opt_state), placed on the mesh."""
+    trainable = jax.device_put(self._initial_trainable, self.trainable_shardings)
+    opt_state = jax.jit(self.tx.init, out_shardings=self.opt_shardings)(trainable)
+    return trainable, opt_state
+
+  def abstract_state(self):
+    """ShapeDtypeStructs (with shardings) of (trainable, opt_state): the restore target."""
+    def spec(x, s):
+      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+    tr = jax.tree.map(spec, jax.eval_shape(lambda: self._initial_trainable), self.trainable_shardings)
+    opt = jax.tree.map(spec, jax.eval_shape(self.tx.init, self._initial_trainable), self.opt_shardings)
+    return tr, opt
+
+  def shard_batch(self, batch):
+    """Host numpy batch -> global arrays over (data, fsdp); non-numeric entries (captions) dropped."""
+    batch = {k: v for k, v in batch.items() if np.asarray(v).dtype.kind in "biuf"}
+    return self.par.shard_batch(batch, self.mesh)
+
+  def step(self, trainable, opt_state, batch, key):
+    with self.par.use_mesh(self.mesh):  # sequence parallelism's constraints need the active mesh
+      return self._step(trainable, opt_state, self.frozen, batch, key)
+
+  def model(self, trainable) -> nnx.Module:
+    """The full model with the given trainable values (for export / evaluation)."""
+    return merge_model(self.graphdef, trainable, self.frozen)
+
+
+def step_key(seed_key: jax.Array, step: int) -> jax.Array:
+  """The step's random key: fold_in(seed key, step); resuming at step s reproduces it."""
+  return jax.random.fold_in(seed_key, step)
