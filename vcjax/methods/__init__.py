@@ -1,0 +1,1 @@
+"""Customization methods built on the AnimateDiff UNet3D: VideoMaker (`videomaker`)."""
