@@ -70,6 +70,9 @@ def write_tokenizer(folder: str) -> int:
     json.dump(vocab, f)
   with open(os.path.join(folder, "merges.txt"), "w") as f:
     f.write("#version: 0.2\n")
+  with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+    json.dump({"model_max_length": 77, "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+               "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}, f)
   return len(vocab)
 
 

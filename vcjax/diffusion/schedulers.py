@@ -378,11 +378,15 @@ class Scheduler:
       return ()
     return dpm_init_state(jnp.zeros(()) if x is None else x)  # scalar: fine for Python loops
 
-  def step(self, state, eps, i, x, key=None):
-    """(x, state) -> (x_prev, new_state). key: jax PRNG key, needed only for DDIM with eta > 0."""
+  @property
+  def needs_noise(self) -> bool:
+    return self.name == "ddim" and self.eta != 0
+
+  def step(self, state, eps, i, x, key=None, *, noise=None):
+    """(x, state) -> (x_prev, new_state). DDIM with eta > 0 needs either `noise` (standard normal,
+    shape of x; e.g. drawn per video so a seed's video does not depend on its batch) or a PRNG `key`."""
     if self.name == "ddim":
-      noise = None
-      if self.eta != 0:
+      if self.eta != 0 and noise is None:
         if key is None:
           raise ValueError("DDIM with eta > 0 needs a PRNG key per step")
         noise = jax.random.normal(key, jnp.shape(x), jnp.float32)
