@@ -155,3 +155,21 @@ def read_video_frames(path: str, indices: Sequence[int]) -> np.ndarray:
   if len(got) != len(wanted):
     raise MediaError(f"{path}: decoded only {len(got)} of the {len(wanted)} needed frames (truncated?)")
   return np.stack([got[i] for i in indices])
+
+
+# ------------------------------------------------------------------------------------------ writing
+
+
+def write_video(path: str, frames: np.ndarray, *, fps: int = 8) -> str:
+  """Write `(F, H, W, 3)` uint8 frames as .mp4 (H.264 via imageio-ffmpeg) or .gif (PIL)."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  frames = np.asarray(frames, np.uint8)
+  if path.lower().endswith(".gif"):
+    images = [Image.fromarray(f) for f in frames]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+    return path
+  import imageio.v2 as imageio
+  # yuv420p (what players expect) needs even sizes; macro_block_size=2 pads odd ones only.
+  imageio.mimwrite(path, list(frames), fps=fps, codec="libx264", quality=8, macro_block_size=2,
+                   pixelformat="yuv420p", output_params=["-movflags", "+faststart"])
+  return path

@@ -1,0 +1,106 @@
+"""Sample videos with vcjax: AnimateDiff text-to-video, VideoMaker (reference image), CustomCrafter
+(subject LoRA with dynamic weighting). See configs/sample_*.py for the settings of each.
+
+    python sample.py --config configs/sample_animatediff.py --config.model=converted/ \
+        --config.prompt="a corgi running on the beach" --config.output=outputs/corgi.mp4
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from absl import app
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/sample_*.py file", lock_config=True)
+
+
+def versions() -> dict[str, str]:
+  from importlib.metadata import PackageNotFoundError, version
+  out = {}
+  for name in ("vcjax", "jax", "jaxlib", "flax", "numpy"):
+    try:
+      out[name] = version(name)
+    except PackageNotFoundError:
+      pass
+  return out
+
+
+def output_paths(output: str, index: int, count: int) -> str:
+  stem, ext = os.path.splitext(output)
+  return f"{stem}_{index}{ext or '.mp4'}" if count > 1 else (output if ext else output + ".mp4")
+
+
+def run(cfg) -> list[str]:
+  import jax
+  import numpy as np
+  from tqdm import tqdm
+
+  from vcjax.diffusion.lora_schedule import lora_scales
+  from vcjax.diffusion.schedulers import SchedulerConfig
+  from vcjax.media import write_video
+  from vcjax.pipeline import VideoPipeline
+
+  if not cfg.model or not os.path.isdir(cfg.model):
+    raise ValueError(f"model folder not found: {cfg.model!r} (convert one with convert/animatediff.py)")
+  if cfg.height % 8 or cfg.width % 8:
+    raise ValueError(f"height and width must be divisible by 8, got {cfg.height}x{cfg.width}")
+  pipe = VideoPipeline.from_pretrained(cfg.model, dtype=cfg.dtype or None)
+  if cfg.num_frames > pipe.max_frames:
+    raise ValueError(f"{cfg.num_frames} frames exceed the motion module's positional-encoding length "
+                     f"{pipe.max_frames}")
+  n = cfg.num_videos
+  seeds = [cfg.seed + i for i in range(n)]
+  references = None
+  if cfg.reference:
+    from vcjax.methods.videomaker import load_reference_image
+    image = load_reference_image(cfg.reference, cfg.height, cfg.width)
+    references = np.repeat(image[None], n, axis=0)
+  scales = None
+  if cfg.lora:
+    pipe.load_lora(cfg.lora)
+    scales = lora_scales(cfg.lora_schedule or "constant:1.0", cfg.steps)
+  init_noise = None
+  if cfg.init_noise:
+    init_noise = np.load(cfg.init_noise).transpose(0, 2, 3, 4, 1)  # diffusers (B, C, F, H, W) -> vcjax
+  scheduler_config = SchedulerConfig(timestep_spacing=cfg.timestep_spacing)
+
+  start = time.time()
+  out = pipe.generate([cfg.prompt] * n, seeds=seeds, negative_prompt=cfg.negative_prompt,
+                      num_frames=cfg.num_frames, height=cfg.height, width=cfg.width, steps=cfg.steps,
+                      guidance_scale=cfg.guidance_scale, scheduler=cfg.scheduler, eta=cfg.eta,
+                      scheduler_config=scheduler_config, reference_images=references, lora_scales=scales,
+                      init_noise=init_noise, progress=lambda it: tqdm(it, desc="denoising", unit="step"))
+  seconds = time.time() - start
+  if cfg.save_latents:
+    np.save(cfg.save_latents, out.latents.transpose(0, 4, 1, 2, 3))
+  written = []
+  for i in range(n):
+    path = output_paths(cfg.output, i, n)
+    written.append(write_video(path, out.frames[i], fps=cfg.fps))
+    if cfg.gif:
+      written.append(write_video(os.path.splitext(path)[0] + ".gif", out.frames[i], fps=cfg.fps))
+    sidecar = dict(config=cfg.to_dict(), seed=seeds[i], seconds=round(seconds, 2), versions=versions(),
+                   devices=[str(d) for d in jax.local_devices()])
+    with open(os.path.splitext(path)[0] + ".json", "w") as f:
+      json.dump(sidecar, f, indent=2)
+  return written
+
+
+def main(argv):
+  del argv
+  from vcjax.media import MediaError
+  from vcjax.weights.errors import CheckpointError
+  try:
+    for path in run(_CONFIG.value):
+      print(path)
+  except (ValueError, CheckpointError, MediaError, FileNotFoundError) as e:
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  app.run(main)
