@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vcjax import parallel
 from vcjax.nn.attention import Attention
 from vcjax.nn.layers import Conv, GEGLUFeedForward, GroupNorm, LayerNorm, Linear
 
@@ -90,7 +91,9 @@ class SpatialTransformer(nnx.Module):
 
   def __call__(self, x, context, *, self_attention=None):
     b, f, hgt, wid, c = x.shape
+    x = parallel.constrain(x, "video")  # sequence parallelism: frames over the "seq" mesh axis
     h = self.proj_in(self.norm(x)).reshape(b * f, hgt * wid, c)
+    h = parallel.constrain(h, "frame_tokens", batch=b)
     ctx = jnp.repeat(context, f, axis=0)  # frames share the prompt: (B*F, T, Dc)
     for block in self.transformer_blocks:
       h = block(h, ctx, self_attention=self_attention)

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vcjax import parallel
 from vcjax.models.blocks import TransformerBlock
 from vcjax.nn.layers import GroupNorm, Linear
 
@@ -51,8 +52,10 @@ class MotionModule(nnx.Module):
                        f"{self.max_seq_length}")
     h = self.proj_in(self.norm(x))
     h = h.transpose(0, 2, 3, 1, 4).reshape(b * hgt * wid, f, c)  # tokens (b h w) x f
+    # Sequence parallelism: frames-split -> positions-split over "seq" (an all-to-all), and back below.
+    h = parallel.constrain(h, "temporal_tokens", batch=b)
     pe = jnp.asarray(sinusoidal_positions(f, c), h.dtype)[None]
     for block in self.transformer_blocks:
       h = block(h, pos_embed=pe)
-    h = self.proj_out(h).reshape(b, hgt, wid, f, c).transpose(0, 3, 1, 2, 4)
+    h = parallel.constrain(self.proj_out(h).reshape(b, hgt, wid, f, c).transpose(0, 3, 1, 2, 4), "video")
     return x + h
