@@ -15,7 +15,13 @@ from flax import nnx
 
 
 class Linear(nnx.Module):
-  """y = x @ kernel + bias, kernel `(in, out)`. Computes in `dtype`."""
+  """y = x @ kernel + bias, kernel `(in, out)`. Computes in `dtype`.
+
+  Optionally carries an unmerged low-rank adapter (attached by vcjax.nn.lora, never by the constructor):
+  y += lora_scale * (x @ lora_down) @ lora_up, with lora_down `(in, r)` and lora_up `(r, out)` of type
+  LoRAParam (not nnx.Param, so base-weight loading and saving never see them) and lora_scale a LoRAScale
+  float32 scalar that can change between calls (or be traced) without touching the weights.
+  """
 
   def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True, rngs: nnx.Rngs,
                dtype=jnp.float32, param_dtype=jnp.float32):
@@ -24,11 +30,18 @@ class Linear(nnx.Module):
     self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features), param_dtype) - bound)
     self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
     self.dtype = dtype
+    # LoRA slots: data attributes (so that variables may be assigned later), empty by default.
+    self.lora_down = nnx.data(None)
+    self.lora_up = nnx.data(None)
+    self.lora_scale = nnx.data(None)
 
   def __call__(self, x):
     y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
+    if self.lora_down is not None:
+      xr = jnp.dot(x.astype(self.dtype), self.lora_down[...].astype(self.dtype))
+      y = y + self.lora_scale[...].astype(self.dtype) * jnp.dot(xr, self.lora_up[...].astype(self.dtype))
     return y
 
 

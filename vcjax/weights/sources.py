@@ -100,7 +100,8 @@ def save_safetensors(state_dict: Mapping[str, np.ndarray], path: str | os.PathLi
   path = os.fspath(path)
   arrays = {}
   for name, value in state_dict.items():
-    arr = np.ascontiguousarray(np.asarray(value))
+    arr = np.asarray(value)
+    arr = np.ascontiguousarray(arr).reshape(arr.shape)  # ascontiguousarray alone makes a 0-d array 1-d
     if arr.dtype not in _ST_CODES:
       raise CheckpointError(f"{path}: cannot store {name!r} of dtype {arr.dtype} in safetensors")
     arrays[str(name)] = arr

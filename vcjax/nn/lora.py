@@ -1,0 +1,287 @@
+"""LoRA adapters on vcjax `Linear` layers, kept UNMERGED so that their scale can change at run time.
+
+CustomCrafter (METHODS.md §4) trains a rank-4 LoRA on the spatial attention projections and samples with a
+LoRA scale that depends on the denoising step ("dynamic weighted sampling"). Merging the LoRA into the
+weights would freeze the scale, so the adapter lives next to the base weight:
+
+    y = x @ kernel + bias + lora_scale * (x @ lora_down) @ lora_up
+
+with no alpha/rank factor inside (a file's alpha is folded into `lora_up` when it is loaded).
+
+Variable types: `LoRAParam` for lora_down `(in, r)` / lora_up `(r, out)` and `LoRAScale` for the per-layer
+float32 scalar. Neither is an `nnx.Param`: base-weight loading/saving (vcjax.weights.keymaps, .store)
+filters on nnx.Param and never sees them, and a trainer selects the adapter with `nnx.All(LoRAParam)` /
+`LoRAParam` filters.
+
+Compiled sampling loops: `with_lora_scale(state, scale)` returns the split state with every LoRAScale
+replaced by `scale` (a traced value is fine), e.g.
+
+    graphdef, state = nnx.split(unet)
+    def step(i, x):
+      eps = nnx.merge(graphdef, with_lora_scale(state, scales[i]))(x, t[i], ctx)
+      ...
+
+Module paths are vcjax's (`down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`); diffusers names
+(`to_out.0`, `ff.net.0.proj`, `ff.net.2`) are accepted wherever a LoRA is loaded. File reading and
+writing live in vcjax.weights (export.save_lora / read_vcjax_lora, lora.read_lora); `load_lora_file`
+only dispatches to them.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vcjax.nn.layers import Linear
+from vcjax.weights.errors import CheckpointError
+
+
+class LoRAParam(nnx.Variable):
+  """A LoRA matrix: lora_down `(in, r)` or lora_up `(r, out)`. Trainable, but not an nnx.Param."""
+
+
+class LoRAScale(nnx.Variable):
+  """The run-time multiplier of one layer's LoRA (float32 scalar); not trained."""
+
+
+# CustomCrafter's targets: to_q/to_k/to_v of attn1 and attn2 in every SPATIAL transformer block
+# (down, mid, up); not to_out, not the feed-forward, not the motion modules' temporal attention.
+CUSTOMCRAFTER_TARGETS = r"(^|\.)attentions\.\d+\.transformer_blocks\.\d+\.attn[12]\.to_[qkv]$"
+
+# diffusers module names that are not valid attribute names, and vcjax's names for them.
+_TO_VCJAX = ((r"\.to_out\.0(?=\.|$)", ".to_out"), (r"\.ff\.net\.0\.proj(?=\.|$)", ".ff.proj_in"),
+             (r"\.ff\.net\.2(?=\.|$)", ".ff.proj_out"))
+_TO_DIFFUSERS = ((r"\.to_out(?=\.|$)", ".to_out.0"), (r"\.ff\.proj_in(?=\.|$)", ".ff.net.0.proj"),
+                 (r"\.ff\.proj_out(?=\.|$)", ".ff.net.2"))
+
+
+class LoRAError(CheckpointError):
+  """A LoRA does not fit the model (unknown module, not a Linear, wrong shape). A ValueError."""
+
+
+def vcjax_name(name: str) -> str:
+  """diffusers module name -> vcjax module path (vcjax paths pass through unchanged)."""
+  n = "." + name
+  for pattern, repl in _TO_VCJAX:
+    n = re.sub(pattern, repl, n)
+  return n[1:]
+
+
+def diffusers_name(path: str) -> str:
+  """vcjax module path -> diffusers module name (`to_out` -> `to_out.0`, `ff.proj_in` -> `ff.net.0.proj`)."""
+  n = "." + path
+  for pattern, repl in _TO_DIFFUSERS:
+    n = re.sub(pattern, repl, n)
+  return n[1:]
+
+
+def linear_modules(model: nnx.Module) -> dict[str, Linear]:
+  """Every Linear of `model`, keyed by its dotted vcjax module path."""
+  return {".".join(str(p) for p in path): m for path, m in nnx.iter_modules(model) if isinstance(m, Linear)}
+
+
+def has_lora(linear: Linear) -> bool:
+  return getattr(linear, "lora_down", None) is not None
+
+
+def lora_modules(model: nnx.Module) -> dict[str, Linear]:
+  """The Linears of `model` that carry a LoRA, keyed by vcjax module path."""
+  return {p: m for p, m in linear_modules(model).items() if has_lora(m)}
+
+
+def attach_lora(linear: Linear, down, up, scale: float = 1.0, *, dtype=jnp.float32) -> None:
+  """Give `linear` the adapter down `(in, r)`, up `(r, out)` (replacing any it had), with run-time `scale`."""
+  fan_in, fan_out = linear.kernel.get_value().shape
+  down, up = jnp.asarray(down, dtype), jnp.asarray(up, dtype)
+  if down.ndim != 2 or up.ndim != 2 or down.shape != (fan_in, down.shape[1]) or up.shape != (down.shape[1], fan_out):
+    raise LoRAError(f"LoRA down {tuple(down.shape)} / up {tuple(up.shape)} do not fit a Linear {fan_in} -> {fan_out} "
+                    f"(need ({fan_in}, r) and (r, {fan_out}))")
+  linear.lora_down = LoRAParam(down)
+  linear.lora_up = LoRAParam(up)
+  linear.lora_scale = LoRAScale(jnp.asarray(scale, jnp.float32))
+
+
+def remove_lora(model: nnx.Module) -> list[str]:
+  """Detach every LoRA (the base weights are untouched). Returns the paths that had one."""
+  found = lora_modules(model)
+  for m in found.values():
+    m.lora_down = m.lora_up = m.lora_scale = None
+  return sorted(found)
+
+
+def _select(model: nnx.Module, targets: str | Iterable[str]) -> dict[str, Linear]:
+  linears = linear_modules(model)
+  if isinstance(targets, str):
+    rx = re.compile(targets)
+    return {p: m for p, m in linears.items() if rx.search(p)}
+  wanted = [vcjax_name(t) for t in targets]
+  missing = [t for t in wanted if t not in linears]
+  if missing:
+    raise LoRAError(f"{len(missing)} LoRA targets are not Linear layers of the model: {', '.join(missing[:6])}")
+  return {t: linears[t] for t in wanted}
+
+
+def add_lora(model: nnx.Module, *, rank: int = 4, targets: str | Iterable[str] = CUSTOMCRAFTER_TARGETS,
+             rngs: nnx.Rngs | int, init: str = "customcrafter", scale: float = 1.0,
+             dtype=jnp.float32) -> list[str]:
+  """Attach fresh LoRAs of `rank` to the Linears whose vcjax path matches `targets` (a regex searched in
+  the dotted path, or an explicit list of module names). Returns the sorted paths.
+
+  init "customcrafter": down ~ N(0, std 1/rank), up = 0 (METHODS.md §4), so the model's output is
+  unchanged until training moves `up`. init "peft": down ~ U(+-1/sqrt(in)) (PEFT's kaiming-uniform with
+  a=sqrt(5)), up = 0.
+  """
+  if rank < 1:
+    raise LoRAError(f"LoRA rank must be >= 1, got {rank}")
+  if init not in ("customcrafter", "peft"):
+    raise LoRAError(f"unknown LoRA init {init!r}; expected 'customcrafter' or 'peft'")
+  rngs = nnx.Rngs(rngs) if isinstance(rngs, int) else rngs
+  chosen = _select(model, targets)
+  if not chosen:
+    raise LoRAError(f"no Linear layer of the model matches the LoRA targets {targets!r}")
+  for path in sorted(chosen):
+    m = chosen[path]
+    fan_in, fan_out = m.kernel.get_value().shape
+    key = rngs.params()
+    if init == "customcrafter":
+      down = jax.random.normal(key, (fan_in, rank), jnp.float32) / rank
+    else:
+      bound = 1.0 / np.sqrt(fan_in)
+      down = jax.random.uniform(key, (fan_in, rank), jnp.float32, -bound, bound)
+    attach_lora(m, down, jnp.zeros((rank, fan_out), jnp.float32), scale, dtype=dtype)
+  return sorted(chosen)
+
+
+def _as_matrix(a, what: str, name: str) -> np.ndarray:
+  a = np.asarray(a, np.float32)
+  if a.ndim == 4 and a.shape[2:] == (1, 1):  # a 1x1-conv LoRA (e.g. SD1.5 proj_in) is a linear one
+    a = a[:, :, 0, 0]
+  if a.ndim != 2:
+    raise LoRAError(f"LoRA of {name!r}: {what} has shape {a.shape}; only Linear (or 1x1 conv) LoRAs apply at run "
+                    "time; merge conv LoRAs into the weights instead (vcjax.weights.lora.merge_lora)")
+  return a
+
+
+def load_lora(model: nnx.Module, loras: Mapping[str, object], *, scale: float = 1.0, replace: bool = False,
+              dtype=jnp.float32) -> list[str]:
+  """Attach LoRAs read from a file, unmerged. Returns the sorted vcjax paths.
+
+  loras: {module name: LoRAWeight} as `vcjax.weights.lora.read_lora(...)["unet"]` gives (diffusers names;
+    down `(r, in)`, up `(out, r)` in PyTorch layout, `.scale` = the file's alpha/rank) or as
+    `vcjax.weights.export.read_vcjax_lora(path)` gives. The file's scale is folded into lora_up; `scale`
+    becomes every layer's run-time LoRAScale.
+  replace: allow replacing a LoRA already on a layer (else that is an error: two LoRAs do not stack at
+    run time; merge one of them instead).
+  Everything is checked before anything is attached.
+  """
+  linears = linear_modules(model)
+  modules = {".".join(str(x) for x in p): m for p, m in nnx.iter_modules(model)}
+  plan, problems = [], []
+  for name, lw in sorted(loras.items()):
+    path = vcjax_name(name)
+    target = linears.get(path)
+    if target is None:
+      kind = type(modules[path]).__name__ if path in modules else None
+      problems.append(f"{name} (a {kind}: only Linear layers take a LoRA at run time; merge conv LoRAs into the "
+                      "weights with vcjax.weights.lora.merge_lora)" if kind else f"{name} (no such module)")
+      continue
+    down = _as_matrix(lw.down, "down", name)
+    up = _as_matrix(lw.up, "up", name) * np.float32(getattr(lw, "scale", 1.0))
+    fan_in, fan_out = target.kernel.get_value().shape
+    if down.shape[1] != fan_in or up.shape[0] != fan_out or up.shape[1] != down.shape[0]:
+      problems.append(f"{name} (down {down.shape}, up {up.shape} for a Linear {fan_in} -> {fan_out})")
+      continue
+    if has_lora(target) and not replace:
+      problems.append(f"{name} (already has a LoRA; pass replace=True or merge one of them)")
+      continue
+    plan.append((path, target, down.T, up.T))
+  if problems:
+    shown = "; ".join(problems[:6]) + ("; ..." if len(problems) > 6 else "")
+    raise LoRAError(f"{len(problems)} LoRA targets do not fit the model: {shown}")
+  for _, target, down, up in plan:
+    attach_lora(target, down, up, scale, dtype=dtype)
+  return sorted(p for p, *_ in plan)
+
+
+def load_lora_file(model: nnx.Module, path: str, *, scale: float = 1.0, replace: bool = False) -> list[str]:
+  """Read a LoRA file of any flavour vcjax knows (its own `save_lora` format, diffusers/PEFT, kohya,
+  AnimateDiff processor LoRAs) and attach its UNet part to `model` unmerged (see `load_lora`). The file
+  reading itself lives in vcjax.weights; this only dispatches."""
+  from vcjax.weights import export
+  from vcjax.weights.lora import module_names, read_lora
+  if export.is_vcjax_lora(path):
+    loras = export.read_vcjax_lora(path)
+  else:
+    names = module_names(export.torch_shapes(model))
+    loras = read_lora(path, names, config=getattr(model, "config", None))["unet"]
+  if not loras:
+    raise LoRAError(f"{path}: holds no LoRA for this model")
+  return load_lora(model, loras, scale=scale, replace=replace)
+
+
+def _scale_vars(tree) -> list[LoRAScale]:
+  return [v for v in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+          if isinstance(v, LoRAScale)]
+
+
+def set_lora_scale(model_or_state, scale):
+  """Set every LoRAScale of a module, or of a state from `nnx.split`, to `scale` (in place; returned)."""
+  value = jnp.asarray(scale, jnp.float32)
+  if isinstance(model_or_state, nnx.Module):
+    for m in lora_modules(model_or_state).values():
+      m.lora_scale.set_value(value)
+  else:
+    for v in _scale_vars(model_or_state):
+      v.set_value(value)
+  return model_or_state
+
+
+def with_lora_scale(state, scale):
+  """A copy of `state` (from `nnx.split`) whose every LoRAScale is `scale` (float32; may be traced).
+
+  Pure, for use inside jit / lax loops: `nnx.merge(graphdef, with_lora_scale(state, scales[i]))`.
+  """
+  value = jnp.asarray(scale, jnp.float32)
+  return jax.tree.map(lambda v: v.replace(value) if isinstance(v, LoRAScale) else v, state,
+                      is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def lora_arrays(model: nnx.Module) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
+  """{vcjax path: (down (in, r), up (r, out), scale)} of every attached LoRA, as numpy."""
+  return {p: (np.asarray(m.lora_down.get_value()), np.asarray(m.lora_up.get_value()),
+              float(np.asarray(m.lora_scale.get_value())))
+          for p, m in sorted(lora_modules(model).items())}
+
+
+def lora_weights(model: nnx.Module, *, fold_scale: bool = True) -> dict[str, object]:
+  """The attached LoRAs as {diffusers module name: LoRAWeight(down (r, in), up (out, r), scale)} in
+  PyTorch layout, ready for `vcjax.weights.lora.merge_lora` or export. fold_scale: multiply each layer's
+  current LoRAScale into `up` (scale 1.0 in the result); else keep it in `.scale`."""
+  from vcjax.weights.lora import LoRAWeight  # numpy-only module; imported late to keep nn/ light
+  out = {}
+  for path, (down, up, s) in lora_arrays(model).items():
+    up_t = up.T * np.float32(s) if fold_scale else up.T
+    out[diffusers_name(path)] = LoRAWeight(down=np.ascontiguousarray(down.T), up=np.ascontiguousarray(up_t),
+                                           scale=1.0 if fold_scale else s)
+  return out
+
+
+def fuse_lora(model: nnx.Module, *, remove: bool = True) -> list[str]:
+  """Merge every LoRA into its base kernel at its current scale (kernel += scale * down @ up, in float32),
+  then detach it unless `remove` is False (then its scale is set to 0 so the output does not change)."""
+  fused = lora_modules(model)
+  for m in fused.values():
+    kernel = m.kernel.get_value()
+    delta = m.lora_scale.get_value() * (m.lora_down.get_value().astype(jnp.float32)
+                                        @ m.lora_up.get_value().astype(jnp.float32))
+    m.kernel.set_value((kernel.astype(jnp.float32) + delta).astype(kernel.dtype))
+    if remove:
+      m.lora_down = m.lora_up = m.lora_scale = None
+    else:
+      m.lora_scale.set_value(jnp.zeros((), jnp.float32))
+  return sorted(fused)
