@@ -33,7 +33,8 @@ SIZES = {
                            cross_attention_dim=32,
                            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
-                 vae=dict(block_out_channels=(32, 64), layers_per_block=1),
+                 # Four levels, like SD's VAE, so that latents are 1/8 of the image as everywhere else.
+                 vae=dict(block_out_channels=(32, 32, 64, 64), layers_per_block=1),
                  text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
                  motion_heads=2),
 }

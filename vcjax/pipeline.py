@@ -57,6 +57,11 @@ class VideoPipeline:
                loading.load_text_encoder(folder, dtype=dtype), loading.load_tokenizer(folder))
 
   @property
+  def vae_scale(self) -> int:
+    """Image pixels per latent pixel (8 for SD's VAE)."""
+    return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+  @property
   def max_frames(self) -> int:
     return self.unet.config.motion_max_seq_length
 
@@ -83,8 +88,9 @@ class VideoPipeline:
     the attached LoRA per step, or None. init_noise: `(B, F, h, w, 4)` initial latents (else drawn
     from each seed).
     """
-    if height % 8 or width % 8:
-      raise ValueError(f"height and width must be divisible by 8, got {height}x{width}")
+    f = self.vae_scale
+    if height % f or width % f:
+      raise ValueError(f"height and width must be divisible by {f}, got {height}x{width}")
     if num_frames > self.max_frames:
       raise ValueError(f"{num_frames} frames exceed the motion module's positional-encoding length "
                        f"{self.max_frames}")
@@ -103,7 +109,7 @@ class VideoPipeline:
     cond = self.encode_prompts(prompts)
     uncond = self.encode_prompts(negatives)
     keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
-    shape = (num_frames, height // 8, width // 8, self.unet.config.in_channels)
+    shape = (num_frames, height // f, width // f, self.unet.config.in_channels)
     if init_noise is None:
       init_noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), shape))(keys)
     latents = jnp.asarray(init_noise, jnp.float32) * sched.init_noise_sigma
