@@ -126,9 +126,11 @@ def run(cfg, workdir: str) -> int:
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(cfg.to_json(indent=2))
+  t0 = time.time()
   trainer, tokenizer, info = build(cfg)
   log(f"task {cfg.task}: {trainer.num_trainable:,} trainable / {trainer.num_frozen:,} frozen parameters; "
-      f"mesh {dict(trainer.mesh.shape)}, params {cfg.mesh.param_sharding}, dtype {cfg.dtype}, remat {cfg.remat}")
+      f"mesh {dict(trainer.mesh.shape)}, params {cfg.mesh.param_sharding}, dtype {cfg.dtype}, remat {cfg.remat}; "
+      f"built in {time.time() - t0:.1f}s")
   if cfg.batch_size % jax.process_count():
     raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {jax.process_count()} processes")
   data = make_data(cfg, tokenizer, batch_size=cfg.batch_size // jax.process_count(), seed=cfg.seed)
@@ -182,6 +184,8 @@ def run(cfg, workdir: str) -> int:
                                                      step_key(seed_key, step))
         if pending is not None:  # the previous step's numbers, while this one runs
           handle(*pending)
+        elif step == start:
+          log(f"first step dispatched (trace + compile) in {time.time() - t0:.1f}s since start")
         step += 1
         pending = (step, metrics)
         if progress is not None:
