@@ -73,13 +73,13 @@ def models():
   from diffusers import UNetMotionModel
   from convert.make_random_pipeline import build_models
   from vcjax.loading import from_state_dict
-  from vcjax.models.configs import tiny_unet, tiny_vae
+  from vcjax.models.configs import VAEConfig, tiny_unet
   unet2d, vae, _, adapter = build_models("tiny", "v3")
   ref = UNetMotionModel.from_unet2d(unet2d, adapter).eval()
   sd = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
   unet = from_state_dict("unet", tiny_unet(motion_max_seq_length=32, motion_mid_block=False), sd)
   vae_sd = {k: v.detach().numpy() for k, v in vae.state_dict().items()}
-  return ref, unet, vae, from_state_dict("vae", tiny_vae(), vae_sd)
+  return ref, unet, vae, from_state_dict("vae", VAEConfig.from_dict(dict(vae.config)), vae_sd)
 
 
 def test_unet_with_reference_matches_diffusers_with_pisa_processor(models):
@@ -197,7 +197,7 @@ def test_jit_and_pure_function():
 
 def test_encode_reference_matches_diffusers_vae(models):
   _, _, ref_vae, vae = models
-  image = np.random.default_rng(1).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
+  image = np.random.default_rng(1).uniform(-1, 1, (2, 64, 64, 3)).astype(np.float32)
   with torch.no_grad():
     dist = ref_vae.encode(torch.from_numpy(image.transpose(0, 3, 1, 2))).latent_dist
   want = dist.mean.numpy().transpose(0, 2, 3, 1)[:, None] * vae.config.scaling_factor
