@@ -2,7 +2,8 @@
 
   * a run killed with SIGTERM saves, logs and exits 0; resuming it reproduces the uninterrupted run's
     losses BIT-EXACTLY (`==`), and its final weights too;
-  * a NaN loss stops the run with exit code 1 and a clear message, and keeps the last good checkpoint.
+  * a NaN loss stops the run with exit code 1 and a clear message, and keeps the last good checkpoint,
+    from which a restart continues bit-exactly.
 
 The runs share a persistent compilation cache (same program, compiled once) and use XLA's cheapest CPU
 optimisation level, which keeps this file fast; bit-exactness is between runs with the same settings.
@@ -105,3 +106,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(converted, env, uninterru
   assert checkpoint_steps(tmp_path) == [3]
   assert losses(tmp_path) == ref[:4]
   assert not (tmp_path / "final").exists()
+  # Restarting resumes from that (periodic, asynchronously written) checkpoint and matches bit for bit.
+  code, out, err = run(converted, env, tmp_path)
+  assert code == 0, err[-3000:]
+  assert "resumed from step 3" in out
+  assert losses(tmp_path) == ref
