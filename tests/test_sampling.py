@@ -61,19 +61,18 @@ def test_step_compiles_once(pipe, caplog):
   assert len(compiles) == 1
 
 
-@pytest.mark.parametrize("scheduler,eta", [("ddim", 1.0), ("dpmsolver++", 0.0)])
-def test_eight_devices_give_the_same_videos_as_one(pipe, scheduler, eta):
+def test_eight_devices_give_the_same_videos_as_one(pipe):
+  """DDIM with eta = 1 draws fresh noise every step: the strictest case for device invariance."""
   assert len(jax.devices()) == 8
   prompts = [f"prompt {i}" for i in range(6)]  # 6 jobs on 8 devices: padding is exercised too
-  kw = dict(seeds=list(range(6)), num_frames=2, height=SIZE, width=SIZE, steps=4, scheduler=scheduler,
-            eta=eta, decode=True)
-  one = pipe.generate(prompts, devices=jax.devices()[:1], **kw)
-  eight = pipe.generate(prompts, devices=jax.devices(), **kw)
+  kw = dict(num_frames=2, height=SIZE, width=SIZE, steps=4, scheduler="ddim", eta=1.0, decode=True)
+  one = pipe.generate(prompts, seeds=list(range(6)), devices=jax.devices()[:1], **kw)
+  eight = pipe.generate(prompts, seeds=list(range(6)), devices=jax.devices(), **kw)
   assert rel_err(eight.latents, one.latents) <= 1e-5
   assert np.abs(eight.frames.astype(int) - one.frames.astype(int)).max() <= 1
-  # A video depends on its own seed only, not on the batch it was sampled in.
-  alone = pipe.generate(prompts[2:3], devices=jax.devices()[:1], **dict(kw, seeds=[2]))
-  assert rel_err(alone.latents[0], one.latents[2]) <= 1e-5
+  # A video depends on its own prompt and seed only, not on the batch it was sampled in.
+  shuffled = pipe.generate(prompts[::-1], seeds=list(range(6))[::-1], devices=jax.devices(), **kw)
+  assert rel_err(shuffled.latents[::-1], one.latents) <= 1e-5
   assert rel_err(one.latents[0], one.latents[1]) > 0.1
 
 
