@@ -147,10 +147,10 @@ def test_subject_lora_gradients(converted):
     if spatial_attention(name, "attn2"):
       module.set_processor(DetachStartTokenProcessor())
   assert len(wrapped) == len(loras)
-  text.resize_token_embeddings(info["new_token_id"] + 1)
+  text.resize_token_embeddings(info["new_token_id"] + 1, mean_resizing=False)
   emb = text.get_input_embeddings().weight
   with torch.no_grad():
-    emb.data[info["new_token_id"]] = torch.from_numpy(init_row)
+    emb.data[info["new_token_id"]] = torch.from_numpy(np.array(init_row))
   emb.requires_grad_(True)
 
   context = text(input_ids=torch.from_numpy(ids.astype(np.int64))).last_hidden_state

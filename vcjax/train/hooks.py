@@ -74,7 +74,7 @@ def enable_remat(model: nnx.Module, types: tuple[type, ...] = REMAT_TYPES) -> in
 class StartTokenDetachedAttention(Attention):
   """Cross-attention whose key/value rows of context token 0 are stop_gradient'ed (same values)."""
 
-  def __call__(self, x, context=None, *, mask=None):
+  def __call__(self, x, context=None, *, mask=None, implementation: str | None = None):
     context = x if context is None else context
     q = self.split_heads(self.to_q(x))
     k = self.to_k(context)
@@ -82,7 +82,7 @@ class StartTokenDetachedAttention(Attention):
     keep = (jnp.arange(context.shape[1]) > 0)[None, :, None]  # (1, T, 1): False at token 0
     k = self.split_heads(jnp.where(keep, k, jax.lax.stop_gradient(k)))
     v = self.split_heads(jnp.where(keep, v, jax.lax.stop_gradient(v)))
-    out = dot_product_attention(q, k, v, mask=mask)
+    out = dot_product_attention(q, k, v, mask=mask, implementation=implementation)
     return self.to_out(out.reshape(*out.shape[:-2], -1))
 
 

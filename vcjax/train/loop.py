@@ -140,6 +140,7 @@ def run(cfg, workdir: str) -> int:
   if start is not None:
     tr_target, opt_target = trainer.abstract_state()
     trainable, opt_state, key_data, meta = ckpt.restore(start, tr_target, opt_target)
+    trainer.release_initial()
     data.set_state(meta["data"])
     seed_key = jnp.asarray(key_data)
     log(f"resumed from step {start} ({ckpt.directory})")

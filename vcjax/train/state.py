@@ -113,7 +113,8 @@ class Trainer:
         self.tx, lambda _, s: s, abstract_opt, self.trainable_shardings,
         transform_non_params=lambda _: self.replicated)
     self.frozen = jax.device_put(frozen, self.frozen_shardings)
-    self._initial_trainable = trainable
+    self._initial_trainable = trainable  # released by init() / release_initial()
+    self._abstract_trainable = jax.eval_shape(lambda: trainable)
     self.batch_sharding = par.batch_sharding(self.mesh)
     step = make_train_step(self.graphdef, loss_fn, self.tx)
     self._step = jax.jit(
@@ -125,17 +126,24 @@ class Trainer:
     self.num_frozen = count_params(frozen)
 
   def init(self) -> tuple[Any, Any]:
-    """Initial (trainable, opt_state), placed on the mesh."""
+    """Initial (trainable, opt_state), placed on the mesh. Once only (the step donates them)."""
+    if self._initial_trainable is None:
+      raise RuntimeError("Trainer.init() was already called (or the initial values were released)")
     trainable = jax.device_put(self._initial_trainable, self.trainable_shardings)
+    self._initial_trainable = None
     opt_state = jax.jit(self.tx.init, out_shardings=self.opt_shardings)(trainable)
     return trainable, opt_state
+
+  def release_initial(self) -> None:
+    """Drop the initial trainable values (after restoring a checkpoint instead of init())."""
+    self._initial_trainable = None
 
   def abstract_state(self):
     """ShapeDtypeStructs (with shardings) of (trainable, opt_state): the restore target."""
     def spec(x, s):
       return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-    tr = jax.tree.map(spec, jax.eval_shape(lambda: self._initial_trainable), self.trainable_shardings)
-    opt = jax.tree.map(spec, jax.eval_shape(self.tx.init, self._initial_trainable), self.opt_shardings)
+    tr = jax.tree.map(spec, self._abstract_trainable, self.trainable_shardings)
+    opt = jax.tree.map(spec, jax.eval_shape(self.tx.init, self._abstract_trainable), self.opt_shardings)
     return tr, opt
 
   def shard_batch(self, batch):
