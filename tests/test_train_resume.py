@@ -93,7 +93,8 @@ def test_sigterm_then_resume_is_bit_exact(converted, env, uninterrupted, tmp_pat
   a = safetensors.numpy.load_file(str(ref_dir / "final" / "trainable.safetensors"))
   b = safetensors.numpy.load_file(str(tmp_path / "final" / "trainable.safetensors"))
   assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
-  assert (tmp_path / "final" / "token_embedding.safetensors").exists()
+  for name in ("token_embedding.safetensors", "lora.safetensors", "pytorch_lora_weights.safetensors"):
+    assert (tmp_path / "final" / name).exists()
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tensorboard"))
 
 

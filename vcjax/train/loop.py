@@ -101,7 +101,8 @@ def build(cfg, *, mesh=None):
 
 
 def export(trainer: Trainer, trainable, cfg, info, out: str) -> None:
-  """workdir/final: trainable.safetensors (vcjax paths), and for "subject" the LoRA + token embedding."""
+  """workdir/final: trainable.safetensors (vcjax paths); for "subject" also the LoRA (vcjax and PEFT files)
+  and the new token's embedding (token_embedding.safetensors: {token: (D,)})."""
   from vcjax.weights.sources import save_safetensors
   os.makedirs(out, exist_ok=True)
   host = jax.device_get(trainable)
@@ -110,11 +111,9 @@ def export(trainer: Trainer, trainable, cfg, info, out: str) -> None:
     model = trainer.model(host)
     emb = np.asarray(model.text_encoder.text_model.embeddings.new_token_embedding[...])
     save_safetensors({cfg.new_token: emb[0]}, os.path.join(out, "token_embedding.safetensors"))
-    try:
-      from vcjax.weights.export import save_lora
-      save_lora(model.unet, os.path.join(out, "lora.safetensors"))
-    except ImportError:
-      pass  # the LoRA's arrays are in trainable.safetensors
+    from vcjax.weights.export import save_lora, save_lora_peft
+    save_lora(model.unet, os.path.join(out, "lora.safetensors"))  # vcjax's own (sample.py --lora)
+    save_lora_peft(model.unet, os.path.join(out, "pytorch_lora_weights.safetensors"))  # diffusers / PEFT
   with open(os.path.join(out, "info.json"), "w") as f:
     json.dump({"task": cfg.task, "new_token": cfg.get("new_token"), **info}, f, indent=2)
 
