@@ -2,7 +2,8 @@
 
     python convert/animatediff.py --base PATH --motion-module PATH [--lora PATH[:SCALE] ...] \
         [--norm-semantics original|diffusers] [--version v1|v2|v3] [--tokenizer DIR] \
-        [--unet-weights PATH ...] [--base-config DIR] [--dtype float32|float16|bfloat16] --out DIR
+        [--unet-weights PATH ...] [--base-config DIR] [--motion-heads N] [--dtype float32|float16|bfloat16] \
+        --out DIR
 
 --base: a diffusers model folder (unet/, vae/, text_encoder/, tokenizer/) or an LDM single file
 (.safetensors/.ckpt). --motion-module: an original AnimateDiff .ckpt/.safetensors or a diffusers
@@ -28,6 +29,9 @@ def parse_args(argv=None):
                  help="GroupNorm statistics; default: original for original motion modules, else diffusers")
   p.add_argument("--version", choices=("v1", "v2", "v3"), default=None,
                  help="motion module version; default: detected from the keys and the pe shape")
+  p.add_argument("--motion-heads", type=int, default=None,
+                 help="attention heads of the motion module; original checkpoints do not record it "
+                      "(default: a MotionAdapter's config, else AnimateDiff's 8)")
   p.add_argument("--tokenizer", default=None, help="tokenizer folder (single-file bases carry none)")
   p.add_argument("--base-config", default=None,
                  help="diffusers folder whose unet/vae/text_encoder config.json describe a single-file base "
@@ -52,7 +56,7 @@ def main(argv=None) -> int:
     pipe = assemble(args.base, args.motion_module, tokenizer=args.tokenizer, config_dir=args.base_config,
                     loras=loras,
                     unet_weights=tuple(args.unet_weights), version=args.version,
-                    semantics=args.norm_semantics)
+                    semantics=args.norm_semantics, motion_heads=args.motion_heads)
     info = save_pipeline(pipe, args.out, dtype=args.dtype, log=print)
   except CheckpointError as e:
     print(f"error: {e}", file=sys.stderr)

@@ -34,7 +34,9 @@ def assert_same_params(a, b, cast=None):
 
 def test_every_format_gives_the_same_parameters(random_pipeline, tmp_path):
   rp = random_pipeline
-  ref = convert(tmp_path, "folder+original", "--base", rp["base"], "--motion-module", rp["motion_original"])
+  # Original checkpoints do not record the head count; the tiny model has 2 (AnimateDiff's are 8).
+  ref = convert(tmp_path, "folder+original", "--base", rp["base"], "--motion-module", rp["motion_original"],
+                "--motion-heads", "2")
   adapter = convert(tmp_path, "folder+adapter", "--base", rp["base"], "--motion-module", rp["motion_diffusers"])
   # A single file carries no config; this one is not SD1.5-shaped, so name a folder that describes it.
   single = convert(tmp_path, "ldm+original", "--base", rp["ldm"], "--motion-module", rp["motion_original"],
@@ -52,6 +54,7 @@ def test_every_format_gives_the_same_parameters(random_pipeline, tmp_path):
   assert read_info(single)["info"]["base"] == "ldm"
   assert read_info(ref)["unet"]["motion_mid_block"] is True
   assert read_info(ref)["unet"]["motion_max_seq_length"] == 32
+  assert read_info(ref)["unet"]["motion_num_heads"] == read_info(adapter)["unet"]["motion_num_heads"] == 2
 
 
 def test_fp16_sources_convert_to_the_rounded_parameters(random_pipeline, tmp_path):

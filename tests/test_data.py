@@ -104,7 +104,8 @@ def video_data(tmp_path_factory):
                                                                                                dtype=np.uint8)))
   os.makedirs(src / "clip_empty")
   data_dir = str(tmp_path_factory.mktemp("tfds_video"))
-  info = builders.prepare_video_dataset(str(src), data_dir, name="clips", num_frames=4, frame_stride=3,
+  # The default name: it must not clash with the builder's registered config.
+  info = builders.prepare_video_dataset(str(src), data_dir, num_frames=4, frame_stride=3,
                                         size=(32, 48), reference_size=40, num_workers=2)
   return {"src": src, "data_dir": data_dir, "info": info}
 
@@ -145,7 +146,7 @@ def test_subject_builder_counts_shapes(subject_data):
 
 def test_video_builder_counts_shapes(video_data):
   info = video_data["info"]
-  assert info["dataset"] == "vcjax_video_clips/clips" and info["splits"] == {"train": 2}
+  assert info["dataset"] == "vcjax_video_clips/videos" and info["splits"] == {"train": 2}
   st = info["stats"]["train"]
   assert st["kept"] == 2 and st["skipped"] == 3
   assert st["reasons"] == {"video": 1, "too_short": 1, "missing": 1}
@@ -318,7 +319,7 @@ def test_customcrafter_loader_batches_and_resume(subject_data, tokenizer):
 
 
 def test_videomaker_loader_batches_and_resume(video_data, tokenizer):
-  kw = dict(dataset="vcjax_video_clips/clips", shard=grain.sharding.NoSharding(), num_threads=1)
+  kw = dict(dataset="vcjax_video_clips/videos", shard=grain.sharding.NoSharding(), num_threads=1)
   it = pipeline.make_loader("videomaker", video_data["data_dir"], 1, 0, tokenizer, **kw)
   first = _take(it, 3)
   state = it.get_state()
@@ -347,7 +348,7 @@ def test_sharding_disjoint(subject_data, video_data):
       a, b = set(shards[0][e]), set(shards[1][e])
       assert not a & b and len(a | b) == n
     assert len({tuple(s) for s in shards[0]}) > 1  # A new permutation each epoch.
-  vsrc = pipeline.data_source("vcjax_video_clips/clips", video_data["data_dir"])
+  vsrc = pipeline.data_source("vcjax_video_clips/videos", video_data["data_dir"])
   ids = [captions.decode_text(pipeline.sharded_records(vsrc, 0, grain.sharding.ShardOptions(i, 2))[0]["clip_id"])
          for i in range(2)]
   assert len(set(ids)) == 2

@@ -141,7 +141,7 @@ class VcjaxSubjectImages(tfds.core.GeneratorBasedBuilder):
   code_path = None
   VERSION = tfds.core.Version("1.0.0")
   MANUAL_DOWNLOAD_INSTRUCTIONS = __doc__
-  BUILDER_CONFIGS = [SubjectImagesConfig(name="subject")]
+  BUILDER_CONFIGS = [SubjectImagesConfig(name="registered_default")]  # a name users will not pick
 
   def _info(self):
     s = self.builder_config.image_size
@@ -246,7 +246,7 @@ class VcjaxVideoClips(tfds.core.GeneratorBasedBuilder):
   code_path = None  # As in VcjaxSubjectImages.
   VERSION = tfds.core.Version("1.0.0")
   MANUAL_DOWNLOAD_INSTRUCTIONS = __doc__
-  BUILDER_CONFIGS = [VideoClipsConfig(name="videos")]
+  BUILDER_CONFIGS = [VideoClipsConfig(name="registered_default")]  # a name users will not pick
 
   def _info(self):
     c = self.builder_config

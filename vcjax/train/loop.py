@@ -102,7 +102,8 @@ def build(cfg, *, mesh=None):
 
 def export(trainer: Trainer, trainable, cfg, info, out: str) -> None:
   """workdir/final: trainable.safetensors (vcjax paths); for "subject" also the LoRA (vcjax and PEFT files)
-  and the new token's embedding (token_embedding.safetensors: {token: (D,)})."""
+  and the new token's embedding (token_embedding.safetensors: {token: (D,)}); for "girl" the full UNet in
+  diffusers naming (unet_diffusers/, loadable by UNetMotionModel.from_pretrained)."""
   from vcjax.weights.sources import save_safetensors
   os.makedirs(out, exist_ok=True)
   host = jax.device_get(trainable)
@@ -114,6 +115,9 @@ def export(trainer: Trainer, trainable, cfg, info, out: str) -> None:
     from vcjax.weights.export import save_lora, save_lora_peft
     save_lora(model.unet, os.path.join(out, "lora.safetensors"))  # vcjax's own (sample.py --lora)
     save_lora_peft(model.unet, os.path.join(out, "pytorch_lora_weights.safetensors"))  # diffusers / PEFT
+  else:  # GIRL: the whole UNet as a diffusers UNetMotionModel folder (what VideoMaker releases)
+    from vcjax.weights.export import save_unet
+    save_unet(trainer.model(host).unet, os.path.join(out, "unet_diffusers"))
   with open(os.path.join(out, "info.json"), "w") as f:
     json.dump({"task": cfg.task, "new_token": cfg.get("new_token"), **info}, f, indent=2)
 

@@ -166,7 +166,8 @@ def motion_fields(info: Mapping[str, Any], version: str | None, semantics: str |
 def assemble(base: str, motion_module: str | None = None, *, tokenizer: str | None = None,
              config_dir: str | None = None,
              loras: tuple[tuple[str, float], ...] = (), unet_weights: tuple[str, ...] = (),
-             version: str | None = None, semantics: str | None = None, dtype=None) -> Pipeline:
+             version: str | None = None, semantics: str | None = None, motion_heads: int | None = None,
+             dtype=None) -> Pipeline:
   """The whole pipeline: base + motion module (+ LoRAs merged, + full-UNet overrides applied)."""
   pipe = read_base(base, tokenizer=tokenizer, config_dir=config_dir, dtype=dtype)
   if motion_module:
@@ -178,6 +179,8 @@ def assemble(base: str, motion_module: str | None = None, *, tokenizer: str | No
       info = dict(motion_keys.motion_info(pipe.unet), source="diffusers")
     except CheckpointError as e:
       raise CheckpointError(f"{base}: the base has no motion modules; pass --motion-module") from e
+  if motion_heads:
+    info["heads"] = motion_heads
   fields = motion_fields(info, version, semantics)
   pipe.info.update(version=fields.pop("version"), semantics=fields.pop("semantics"),
                    motion_source=info["source"])
