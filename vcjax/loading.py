@@ -90,16 +90,19 @@ def save_pipeline(pipe: Pipeline, out: str, *, dtype=None,
   """Convert every model of `pipe` into vcjax modules and write them to `out`."""
   import vcjax
   configs: dict[str, Any] = {"format": "vcjax", "vcjax_version": vcjax.__version__, "info": pipe.info}
-  for component, state, config in (("unet", pipe.unet, pipe.unet_config),
-                                   ("vae", pipe.vae, pipe.vae_config),
-                                   ("text_encoder", pipe.text_encoder, pipe.text_config)):
+  for component, config in (("unet", pipe.unet_config), ("vae", pipe.vae_config),
+                            ("text_encoder", pipe.text_config)):
+    state = getattr(pipe, component)
     if state is None:
       continue
+    setattr(pipe, component, None)  # the PyTorch weights are freed as soon as the module holds them
     config = _with_dtype(config, dtype)
+    count = len(state)
     module = from_state_dict(component, config, state)
+    del state
     path = store.save_component(out, component, module)
     configs[component] = config.to_dict()
-    log(f"{component}: {len(state)} tensors -> {path}")
+    log(f"{component}: {count} tensors -> {path}")
     del module
   if pipe.tokenizer_dir:
     shutil.copytree(pipe.tokenizer_dir, os.path.join(out, "tokenizer"), dirs_exist_ok=True)

@@ -124,8 +124,8 @@ def load_state_dict(module: nnx.Module, state_dict: Mapping[str, np.ndarray], *,
       unexpected.append(key)
       continue
     shape, param_dtype = targets[path]
-    try:
-      values[path] = to_flax_layout(array, shape, name=path.rpartition(".")[2]).astype(dtype or param_dtype)
+    try:  # a view in flax layout; copied (and cast) only when assigned, one tensor at a time
+      values[path] = (to_flax_layout(array, shape, name=path.rpartition(".")[2]), dtype or param_dtype)
     except ValueError as e:
       mismatched.append(f"{key} {e}")
       mismatched_paths.add(path)
@@ -146,7 +146,8 @@ def load_state_dict(module: nnx.Module, state_dict: Mapping[str, np.ndarray], *,
   for path, var in flat.items():
     name = ".".join(str(p) for p in path)
     if name in values:
-      var.set_value(jnp.asarray(values[name]))
+      array, target_dtype = values.pop(name)
+      var.set_value(jnp.asarray(np.asarray(array, dtype=target_dtype)))
   nnx.update(module, nnx.from_flat_state(flat))
   return module
 
