@@ -4,7 +4,8 @@
 
 Shapes are SD1.5's spatial self-attention at each UNet level, cross-attention against 77 tokens, and the
 motion module's temporal attention, for `frames` frames of `latent` x `latent` latents. Prints, per shape and
-implementation, the median wall time (forward, or forward+backward with --grad) and XLA's temp buffer size.
+implementation, the median wall time and process CPU time (forward, or forward+backward with --grad), and
+XLA's temp buffer size; `--torch` adds torch's scaled_dot_product_attention on the same shapes.
 """
 
 from __future__ import annotations
@@ -21,6 +22,18 @@ from vcjax.nn import attention as A
 
 def jax_nn_xla(q, k, v):
   return jax.nn.dot_product_attention(q, k, v, implementation="xla")
+
+
+def measure(fn, repeat: int) -> tuple[float, float]:
+  """Median wall and process-CPU seconds of `repeat` calls after one warm-up call."""
+  fn()
+  walls, cpus = [], []
+  for _ in range(repeat):
+    w, c = time.perf_counter(), time.process_time()
+    fn()
+    walls.append(time.perf_counter() - w)
+    cpus.append(time.process_time() - c)
+  return float(np.median(walls)), float(np.median(cpus))
 
 
 def shapes(frames: int, latent: int):
@@ -41,11 +54,12 @@ def main(argv=None):
   p.add_argument("--repeat", type=int, default=5)
   p.add_argument("--grad", action="store_true")
   p.add_argument("--dtype", default="float32")
+  p.add_argument("--torch", action="store_true")
   args = p.parse_args(argv)
   dtype = jnp.dtype(args.dtype)
-  impls = {"einsum (vcjax xla)": lambda q, k, v: A.dot_product_attention(q, k, v, implementation="xla"),
+  impls = {"vcjax xla": lambda q, k, v: A.dot_product_attention(q, k, v, implementation="xla"),
            "jax.nn xla": jax_nn_xla,
-           "chunked": lambda q, k, v: A.dot_product_attention(q, k, v, implementation="chunked")}
+           "vcjax chunked": lambda q, k, v: A.dot_product_attention(q, k, v, implementation="chunked")}
   print(f"backend {jax.default_backend()}, {args.dtype}, {'fwd+bwd' if args.grad else 'fwd'}")
   for label, qs, ks in shapes(args.frames, args.latent):
     rng = np.random.default_rng(0)
@@ -57,13 +71,20 @@ def main(argv=None):
                                                 argnums=(0, 1, 2))(q, k, v)))(fn) if args.grad else fn
       compiled = jax.jit(f).lower(q, k, v).compile()
       temp = compiled.memory_analysis().temp_size_in_bytes
-      jax.block_until_ready(compiled(q, k, v))
-      times = []
-      for _ in range(args.repeat):
-        t = time.perf_counter()
-        jax.block_until_ready(compiled(q, k, v))
-        times.append(time.perf_counter() - t)
-      print(f"{label:32s} {name:20s} {np.median(times) * 1e3:9.1f} ms   temp {temp / 2**20:8.1f} MiB")
+      wall, cpu = measure(lambda: jax.block_until_ready(compiled(q, k, v)), args.repeat)
+      print(f"{label:32s} {name:20s} {wall * 1e3:9.1f} ms  cpu {cpu * 1e3:9.1f} ms   temp {temp / 2**20:8.1f} MiB",
+            flush=True)
+    if args.torch:
+      import torch
+      tq, tk, tv = (torch.from_numpy(np.asarray(x, np.float32)).transpose(1, 2) for x in (q, k, v))
+      if args.grad:
+        for x in (tq, tk, tv):
+          x.requires_grad_(True)
+        fn = lambda: torch.nn.functional.scaled_dot_product_attention(tq, tk, tv).sum().backward()
+      else:
+        fn = lambda: torch.nn.functional.scaled_dot_product_attention(tq, tk, tv)
+      wall, cpu = measure(fn, args.repeat)
+      print(f"{label:32s} {'torch sdpa':20s} {wall * 1e3:9.1f} ms  cpu {cpu * 1e3:9.1f} ms", flush=True)
 
 
 if __name__ == "__main__":

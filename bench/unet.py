@@ -8,15 +8,17 @@ Both frameworks run in their own subprocess (so that one's memory does not count
          saves its state dict to WORK/unet.safetensors, then times it (diffusers' default attention
          processor: torch scaled_dot_product_attention).
   vcjax  loads that file with vcjax.loading.from_state_dict and times `jax.jit(UNet3D)`.
-Inputs: 1 video x FRAMES frames of LATENT x LATENT latents (default 16 x 32 x 32, i.e. 256x256 pixels),
-77 context tokens, fp32.
+Inputs: 1 video x FRAMES frames of LATENT x LATENT latents (default 16 x 32 x 32, i.e. 256x256 pixels, for
+sd15; 16 x 16 x 16 for tiny), 77 context tokens, fp32. The sd15 LoRA step runs on 8 x 16 x 16 (see
+--train-frames / --train-latent): at 16 x 32 x 32 neither framework fits a training step in 23 GB of RAM.
 
 Measured, per framework:
   compile   vcjax: `jit(...).lower(...).compile()` wall time (forward; training step separately).
   forward   median wall time of --repeat runs after one warm-up run.
   peak mem  peak resident memory above the process's RSS once the model and inputs are loaded (and, for
-            vcjax, compiled): Linux's VmHWM is reset through /proc/self/clear_refs ("5") just before the
-            runs and read after them. Allocator caches count where they raise RSS, for both frameworks.
+            vcjax, compiled), after glibc's malloc_trim has returned freed heap to the OS: Linux's VmHWM is
+            reset through /proc/self/clear_refs ("5") just before the runs and read after them (warm-up
+            run included). The LoRA step's peak is measured the same way, against the same baseline.
             vcjax also prints XLA's own buffer plan (`compiled.memory_analysis()`: temp + output).
   lora step forward + backward of an MSE loss w.r.t. rank-4 LoRA weights on the spatial attentions' to_q /
             to_k / to_v (attn1 and attn2; CustomCrafter's targets), no optimizer update. torch: peft
@@ -64,8 +66,21 @@ def peak_bytes() -> int:
   raise RuntimeError("no VmHWM in /proc/self/status")
 
 
+def release_free_memory() -> None:
+  """Return freed heap memory to the OS (glibc malloc_trim), so that memory an earlier phase freed but the
+  allocator kept does not hide what the measured runs need. Done the same way for both frameworks."""
+  import ctypes
+  import gc
+  gc.collect()
+  try:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except OSError:
+    pass
+
+
 def timed_runs(fn, repeat: int) -> tuple[list[float], int]:
   """One warm-up call then `repeat` timed calls; returns (times, peak RSS bytes during all of them)."""
+  release_free_memory()
   reset_peak()
   fn()
   times = []
@@ -81,10 +96,12 @@ def median(xs):
   return xs[len(xs) // 2] if len(xs) % 2 else 0.5 * (xs[len(xs) // 2 - 1] + xs[len(xs) // 2])
 
 
-def inputs(args, context_dim: int):
+def inputs(args, context_dim: int, *, train: bool = False):
+  """latents `(1, 4, F, h, w)` (diffusers layout), timesteps, context `(1, 77, D)`, regression target."""
   import numpy as np
   rng = np.random.default_rng(0)
-  latents = rng.standard_normal((1, 4, args.frames, args.latent, args.latent)).astype(np.float32)
+  f, h = (args.train_frames, args.train_latent) if train else (args.frames, args.latent)
+  latents = rng.standard_normal((1, 4, f, h, h)).astype(np.float32)
   context = rng.standard_normal((1, 77, context_dim)).astype(np.float32)
   target = rng.standard_normal(latents.shape).astype(np.float32)
   return latents, np.array([500], np.int64), context, target
@@ -113,6 +130,7 @@ def torch_worker(args) -> dict:
   context = context.repeat_interleave(args.frames, 0)  # diffusers takes the prompt once per frame
   out = {"framework": "diffusers", "threads": torch.get_num_threads(),
          "params": sum(p.numel() for p in model.parameters())}
+  release_free_memory()
   base = rss_bytes()
 
   def forward():
@@ -128,10 +146,12 @@ def torch_worker(args) -> dict:
     lora = [p for n, p in model.named_parameters() if "lora_" in n]
     for n, p in model.named_parameters():
       p.requires_grad_("lora_" in n)
+    tl, tt, tc, ttarget = (torch.from_numpy(x) for x in inputs(args, preset["context_dim"], train=True))
+    tc = tc.repeat_interleave(args.train_frames, 0)
 
     def step():
       model.zero_grad(set_to_none=True)
-      loss = torch.nn.functional.mse_loss(model(latents, t, context).sample, target)
+      loss = torch.nn.functional.mse_loss(model(tl, tt, tc).sample, ttarget)
       loss.backward()
       return loss.item()
 
@@ -164,9 +184,11 @@ def vcjax_worker(args) -> dict:
   sd = safetensors.numpy.load_file(os.path.join(args.work_dir, "unet.safetensors"))
   unet = from_state_dict("unet", cfg, sd)
   del sd
-  latents, t, context, target = inputs(args, preset["context_dim"])
+  latents, t, context, _ = inputs(args, preset["context_dim"])
   x = jnp.asarray(latents.transpose(0, 2, 3, 4, 1))  # (B, F, H, W, C)
-  tj, ctx, tgt = jnp.asarray(t), jnp.asarray(context), jnp.asarray(target.transpose(0, 2, 3, 4, 1))
+  tj, ctx = jnp.asarray(t), jnp.asarray(context)
+  tlat, _, _, ttarget = inputs(args, preset["context_dim"], train=True)
+  tx, tgt = (jnp.asarray(a.transpose(0, 2, 3, 4, 1)) for a in (tlat, ttarget))
   graphdef, state = nnx.split(unet)
   out = {"framework": "vcjax", "xla_flags": os.environ.get("XLA_FLAGS", ""), "attention": args.attention,
          "devices": str(jax.devices()),
@@ -208,11 +230,12 @@ def vcjax_worker(args) -> dict:
       return jax.value_and_grad(loss_fn)(trainable)
 
     t0 = time.perf_counter()
-    train = step.lower(trainable, frozen, x, tj, ctx, tgt).compile()
+    train = step.lower(trainable, frozen, tx, tj, ctx, tgt).compile()
     out["train_compile_s"] = time.perf_counter() - t0
     mem = train.memory_analysis()
     out["xla_train_temp"] = int(mem.temp_size_in_bytes + mem.output_size_in_bytes)
 
+  release_free_memory()
   base = rss_bytes()
   times, peak = timed_runs(lambda: jax.block_until_ready(fwd(state, x, tj, ctx)), args.repeat)
   out.update(forward_s=median(times), forward_times=times, forward_peak=peak - base)
@@ -222,7 +245,7 @@ def vcjax_worker(args) -> dict:
     ref = np.load(ref_path).reshape(got.shape)
     out["rel_err_vs_diffusers"] = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
   if train is not None:
-    times, peak = timed_runs(lambda: jax.block_until_ready(train(trainable, frozen, x, tj, ctx, tgt)),
+    times, peak = timed_runs(lambda: jax.block_until_ready(train(trainable, frozen, tx, tj, ctx, tgt)),
                              args.train_repeat)
     out.update(train_s=median(times), train_times=times, train_peak=peak - base)
   return out
@@ -233,7 +256,8 @@ def vcjax_worker(args) -> dict:
 def run_worker(name: str, args, extra_env: dict[str, str]) -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--preset", args.preset,
          "--frames", str(args.frames), "--latent", str(args.latent), "--repeat", str(args.repeat),
-         "--train-repeat", str(args.train_repeat), "--work-dir", args.work_dir]
+         "--train-repeat", str(args.train_repeat), "--train-frames", str(args.train_frames),
+         "--train-latent", str(args.train_latent), "--work-dir", args.work_dir]
   if args.no_train:
     cmd.append("--no-train")
   if args.attention:
@@ -263,7 +287,8 @@ def report(results: dict[str, dict], args) -> None:
     if "train_s" in r:
       if "train_compile_s" in r:
         lines.append(f"  compile (lora step) {r['train_compile_s']:8.2f} s")
-      lines.append(f"  lora step (median)  {r['train_s']:8.3f} s   ({r['lora_kind']}, {r['lora_tensors']} "
+      lines.append(f"  lora step (median)  {r['train_s']:8.3f} s   (input 1 x {args.train_frames} x "
+                   f"{args.train_latent}x{args.train_latent}; {r['lora_kind']}, {r['lora_tensors']} "
                    f"tensors, {r['lora_params'] / 1e6:.2f}M params)")
       lines.append(f"  lora step peak mem  {mib(r['train_peak'])}" +
                    (f"   (XLA plan: {mib(r['xla_train_temp']).strip()})" if "xla_train_temp" in r else ""))
@@ -282,9 +307,13 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
   p.add_argument("--frames", type=int, default=16)
-  p.add_argument("--latent", type=int, default=32)
+  p.add_argument("--latent", type=int, default=None, help="latent size (default 32 for sd15, 16 for tiny)")
   p.add_argument("--repeat", type=int, default=None, help="timed forward runs (default 5 tiny, 3 sd15)")
   p.add_argument("--train-repeat", type=int, default=None, help="timed LoRA steps (default 3 tiny, 1 sd15)")
+  p.add_argument("--train-frames", type=int, default=None,
+                 help="frames of the LoRA step's input (default: --frames for tiny, 8 for sd15)")
+  p.add_argument("--train-latent", type=int, default=None,
+                 help="latent size of the LoRA step's input (default: --latent for tiny, 16 for sd15)")
   p.add_argument("--no-train", action="store_true")
   p.add_argument("--xla-flags", default="", help="added to XLA_FLAGS for the vcjax worker")
   p.add_argument("--attention", default=None, help="vcjax global attention implementation")
@@ -294,7 +323,12 @@ def main(argv=None) -> int:
   p.add_argument("--json", default=None, help="also write the results to this file")
   args = p.parse_args(argv)
   args.repeat = args.repeat or (5 if args.preset == "tiny" else 3)
+  args.latent = args.latent or (16 if args.preset == "tiny" else 32)  # tiny: seconds, not minutes
   args.train_repeat = args.train_repeat or (3 if args.preset == "tiny" else 1)
+  # SD1.5 at 16 x 32x32 does not fit a training step in 23 GB of RAM (XLA plans ~41 GB of buffers, and
+  # torch was killed for memory): the sd15 LoRA step runs on a smaller input.
+  args.train_frames = args.train_frames or (args.frames if args.preset == "tiny" else 8)
+  args.train_latent = args.train_latent or (args.latent if args.preset == "tiny" else 16)
   if args.worker:
     result = (torch_worker if args.worker == "torch" else vcjax_worker)(args)
     print("RESULT " + json.dumps(result))

@@ -39,6 +39,7 @@ CASES = {  # name: (B, Lq, Lk, heads, head size)
     "self_d40_odd": (2, 77, 77, 3, 40),  # CLIP length, SD1.5 level-0 head size
     "cross_d80": (2, 150, 77, 2, 80),  # Lq != Lk, level-1 head size
     "self_d160_odd": (1, 133, 133, 2, 160),  # level-2 head size, not a multiple of 128
+    "temporal_d40": (6, 16, 16, 2, 40),  # motion module: 16 frames (the short-sequence path on CPU)
 }
 IMPLS = ["xla", "chunked", "splash"]
 
@@ -58,6 +59,23 @@ def test_matches_float64_reference(impl, case):
   err = rel_err(got, reference(q, k, v))
   print(f"{impl} {case}: rel err {err:.2e}")
   assert got.shape == (b, lq, n, d) and got.dtype == np.float32
+  assert err <= 1e-5
+
+
+def test_short_sequence_path_with_mask_and_gradient():
+  """The CPU short-sequence formulation (broadcast-multiply-reduce) with a per-example mask, and its grad."""
+  q, k, v = qkv(4, 16, 16, 2, 40, seed=8)
+  mask = np.random.default_rng(9).random((4, 1, 16, 16)) > 0.3
+  mask[..., 0] = True
+  got = run("xla", q, k, v, mask)
+  err = rel_err(got, reference(q, k, v, mask))
+  print(f"short path with mask: rel err {err:.2e}")
+  assert err <= 1e-5
+  w = np.random.default_rng(10).standard_normal(q.shape).astype(np.float32)
+  loss = lambda impl: jax.grad(lambda q: jnp.sum(dot_product_attention(
+      q, jnp.asarray(k), jnp.asarray(v), mask=mask, implementation=impl) * w))(jnp.asarray(q))
+  err = rel_err(loss("xla"), loss("chunked"))
+  print(f"short path dq vs chunked: rel err {err:.2e}")
   assert err <= 1e-5
 
 
@@ -85,18 +103,29 @@ def test_per_example_key_mask_cross_attention(impl):
   assert err <= 1e-5
 
 
-def test_chunked_explicit_chunk_sizes_and_traced_mask():
-  """Direct chunk sizes (queries 50 / keys 33 on lengths 257 / 130) and a mask built under jit."""
-  q, k, v = qkv(1, 257, 130, 2, 40, seed=3)
-  mask_np = np.random.default_rng(4).random((1, 2, 257, 130)) > 0.2
+@pytest.mark.parametrize("group", [1, 2, 4])
+def test_chunked_explicit_chunk_sizes_and_traced_mask(group):
+  """Direct block sizes (pair groups of 1/2/4 that may not divide B*N = 6, queries 50 / keys 33 on lengths
+  257 / 130) and a per-example, per-head mask built under jit."""
+  q, k, v = qkv(2, 257, 130, 3, 40, seed=3)
+  mask_np = np.random.default_rng(4).random((2, 3, 257, 130)) > 0.2
 
   @jax.jit
   def f(q, k, v, mask):
-    return A._chunked(q, k, v, mask, 1 / np.sqrt(40), q_chunk=50, k_chunk=33)
+    return A._chunked(q, k, v, mask, 1 / np.sqrt(40), q_chunk=50, k_chunk=33, group=group)
 
   err = rel_err(f(q, k, v, jnp.asarray(mask_np)), reference(q, k, v, mask_np))
-  print(f"chunked 50/33 with per-head mask: rel err {err:.2e}")
+  print(f"chunked group {group}, 50/33 with per-example per-head mask: rel err {err:.2e}")
   assert err <= 1e-5
+
+
+def test_chunk_plan():
+  """Blocks of about chunk_bytes; divisors preferred so that nothing needs padding."""
+  assert A.chunk_plan(128, 1024, 1024, 2 << 20) == (1, 512, 1024)  # SD1.5 level 0, 16 frames x 8 heads
+  assert A.chunk_plan(128, 1024, 77, 2 << 20) == (4, 1024, 77)  # cross-attention
+  assert A.chunk_plan(16, 4096, 4096, 256 << 20) == (4, 4096, 4096)
+  g, qc, kc = A.chunk_plan(1, 10 ** 6, 10 ** 6, 2 << 20)  # a million tokens: online softmax over keys
+  assert kc == A.config.key_chunk and g * qc * kc * 4 <= 2 << 20
 
 
 @pytest.mark.parametrize("impl", ["chunked", "splash"])
@@ -145,10 +174,13 @@ def test_selection_rules():
   assert sel(16, 4096, 77, 8, 40, jnp.bfloat16, "gpu") == "cudnn"
   assert sel(16, 1024, 77, 8, 40, jnp.float32, "gpu") == "xla"
   assert sel(2, 77, 77, 8, 64, jnp.bfloat16, "gpu", mask=np.ones((77, 77), bool)) == "xla"
-  # CPU: plain below the logits threshold (fp32 B*N*Lq*Lk*4 bytes), chunked above it.
+  # CPU: chunked (cache-sized blocks) beyond the short-sequence rule.
+  assert sel(2, 77, 77, 8, 40) == "chunked"
+  assert sel(2, 77, 77, 8, 40, mask=np.ones((77, 77), bool)) == "chunked"
+  # GPU without cuDNN: plain below the logits threshold (fp32 B*N*Lq*Lk*4 bytes), chunked above it.
   small = A.config.chunk_threshold_bytes // (8 * 1024 * 1024 * 4)
-  assert sel(small, 1024, 1024, 8, 40) == "xla"
-  assert sel(small + 1, 1024, 1024, 8, 40) == "chunked"
+  assert sel(small, 1024, 1024, 8, 40, backend="gpu") == "xla"
+  assert sel(small + 1, 1024, 1024, 8, 40, backend="gpu") == "chunked"
   # A call's own choice wins; one that cannot run raises instead of silently falling back.
   assert sel(4096, 16, 16, 8, 40, implementation="chunked") == "chunked"
   assert sel(16, 4096, 4096, 8, 40, implementation="flash") == "splash"
@@ -162,7 +194,8 @@ def test_selection_rules():
     sel(2, 256, 256, 8, 40, implementation="fast")
   # A global setting that cannot run a call falls back to the automatic rule.
   with attention_implementation("cudnn"):
-    assert sel(2, 1024, 1024, 8, 40) == "xla"
+    assert sel(2, 1024, 1024, 8, 40) == "chunked"
+    assert sel(2, 1024, 1024, 8, 40, backend="gpu") == "xla"
   assert A.config.implementation is None  # the context manager restored the setting
 
 
@@ -170,7 +203,7 @@ def test_attention_module_per_call_implementation_under_jit():
   attn = A.Attention(64, 4, context_dim=32, rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(1), (2, 100, 64))
   ctx = jax.random.normal(jax.random.key(2), (2, 77, 32))
-  want = attn(x, ctx)
+  want = attn(x, ctx, implementation="xla")
   got = nnx.jit(lambda m, x, c: m(x, c, implementation="chunked"))(attn, x, ctx)
   err = rel_err(got, want)
   print(f"Attention module chunked vs plain under jit: {err:.2e}")

@@ -8,9 +8,10 @@ Layout convention: q, k, v are `(B, L, N, D)` (batch, tokens, heads, head size),
 
 Implementations (all compute the softmax in float32, whatever the input dtype):
   "xla"      plain: logits, softmax, weighted sum as XLA ops; materialises `(B, N, Lq, Lk)` logits.
-  "chunked"  memory-efficient on any backend: queries in chunks (`lax.map`), and for long key sequences
-             an online softmax over key chunks (`lax.scan`); each chunk is rematerialised in the backward
-             pass, so neither pass holds more than one chunk of logits. Exact up to fp32 rounding.
+  "chunked"  memory-efficient on any backend: (batch, head) pairs in groups and queries in chunks
+             (`lax.map`), and for very long key sequences an online softmax over key chunks (`lax.scan`);
+             each chunk is rematerialised in the backward pass, so neither pass holds more than one block
+             of logits. Exact up to fp32 rounding. On CPU, with L2-sized blocks, also the fastest path.
   "cudnn"    `jax.nn.dot_product_attention(implementation="cudnn")`: GPU only, bf16/fp16, head size a
              multiple of 8 and <= 128 (<= 256 on Hopper and later).
   "splash"   (alias "flash") the Pallas TPU splash-attention kernel; head size zero-padded to a multiple
@@ -26,8 +27,8 @@ Selection, first match wins:
   3. The global setting (`attention_implementation("chunked")` context manager, or `config.implementation`),
      when that implementation supports the call; otherwise rule 4.
   4. Automatic: TPU -> "splash" (without a mask); GPU -> "cudnn" (bf16/fp16, no mask, supported head
-     size); otherwise "chunked" when the fp32 logits `B*N*Lq*Lk*4` would exceed `config.chunk_threshold_bytes`,
-     else "xla".
+     size); CPU -> "chunked"; otherwise "chunked" when the fp32 logits `B*N*Lq*Lk*4` would exceed
+     `config.chunk_threshold_bytes`, else "xla".
 The choice is made when the function is traced: change the setting before `jax.jit` traces the model
 (a cached compiled function keeps the implementation it was traced with).
 """
@@ -49,6 +50,7 @@ from vcjax.nn.layers import Linear
 IMPLEMENTATIONS = ("xla", "chunked", "cudnn", "splash")
 _ALIASES = {"flash": "splash", "plain": "xla"}
 _LANES = 128  # TPU kernels tile sequence and head axes in multiples of 128.
+_CPU_BROADCAST_MAX_TOKENS = 32  # measured: faster than batched matmuls at 16 tokens, slower at 64
 
 
 @dataclasses.dataclass
@@ -57,17 +59,18 @@ class AttentionConfig:
 
   implementation: None (automatic) or one of IMPLEMENTATIONS, used where it supports the call.
   plain_max_tokens: sequences this short always take the plain "xla" path (unless a call names another).
-  chunk_threshold_bytes: automatic selection chunks when the fp32 logits `B*N*Lq*Lk*4` exceed this.
-  chunk_bytes: target size of one chunk of fp32 logits; sets the query chunk length.
-  key_chunk: keys per online-softmax step when Lk is longer than this (and one query chunk of `min_query_chunk`
-    queries against all keys would exceed `chunk_bytes`).
+  chunk_threshold_bytes: off CPU, automatic selection chunks when the fp32 logits `B*N*Lq*Lk*4` exceed this.
+  chunk_bytes: size of one block of fp32 logits in "chunked"; None = 2 MiB on CPU (an L2-sized block is
+    what makes chunking faster than the plain path there), 256 MiB elsewhere.
+  key_chunk: keys per online-softmax step, used when `min_query_chunk` queries against all keys would
+    exceed `chunk_bytes`.
   min_query_chunk: the smallest query chunk.
   splash_interpret: run the splash kernel in Pallas interpret mode; None = only off TPU.
   """
   implementation: str | None = None
   plain_max_tokens: int = 64
   chunk_threshold_bytes: int = 256 << 20
-  chunk_bytes: int = 32 << 20
+  chunk_bytes: int | None = None
   key_chunk: int = 1024
   min_query_chunk: int = 64
   splash_interpret: bool | None = None
@@ -155,6 +158,8 @@ def select_implementation(q, k, *, mask=None, implementation: str | None = None,
     return "splash"
   if backend == "gpu" and mask is None and _unsupported("cudnn", q, k, None, backend) is None:
     return "cudnn"
+  if backend == "cpu":
+    return "chunked"  # cache-sized blocks: faster than the plain path at every length > 64 measured
   b, n = q.shape[0], q.shape[2]
   return "chunked" if b * n * lq * lk * 4 > config.chunk_threshold_bytes else "xla"
 
@@ -177,16 +182,46 @@ def dot_product_attention(q, k, v, *, mask=None, implementation: str | None = No
   return _splash(q, k, v, mask, scale)
 
 
+@functools.partial(jax.checkpoint, static_argnums=(4,))
 def _plain(q, k, v, mask, scale):
-  """Logits `(B, N, Lq, Lk)` in fp32, softmax in fp32, weights cast to v's dtype for the second matmul."""
-  logits = jnp.einsum("bqnd,bknd->bnqk", q, k, preferred_element_type=jnp.float32) * scale
+  """All logits at once (fp32), softmax in fp32. A `jax.checkpoint`: the backward pass recomputes the
+  logits from q/k/v instead of storing `(B, N, Lq, Lk)` probabilities (and, for the short-sequence
+  form, its broadcast products) per attention layer.
+
+  Normalisation is deferred: the second matmul takes exp(s - max) and its `(.., Lq, D)` result is divided
+  by the row sums, one pass over the `(B, N, Lq, Lk)` block fewer than normalising the probabilities.
+  The 1/sqrt(D) scale is folded into the exponent; q/k/v are made head-major first (XLA:CPU's batched
+  matmul is ~2x faster on contiguous heads). On CPU, very short sequences (the temporal attention: 16-32
+  frames for each of thousands of pixels) use broadcast-multiply-reduce instead of thousands of tiny
+  batched matmuls, which XLA:CPU runs ~3x slower.
+  """
+  lq, lk = q.shape[1], k.shape[1]
+  if _backend() == "cpu" and max(lq, lk) <= _CPU_BROADCAST_MAX_TOKENS:
+    return _plain_broadcast(q, k, v, mask, scale)
+  qh, kh, vh = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # (B, N, L, D)
+  s = jnp.einsum("bnqd,bnkd->bnqk", qh, kh, preferred_element_type=jnp.float32)
   if mask is not None:
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum("bnqk,bknd->bqnd", weights, v).astype(q.dtype)
+    s = jnp.where(mask, s, _NEG)
+  p = jnp.exp((s - s.max(axis=-1, keepdims=True)) * scale)
+  out = jnp.einsum("bnqk,bnkd->bnqd", p.astype(v.dtype), vh, preferred_element_type=jnp.float32)
+  return (out / p.sum(axis=-1)[..., None]).transpose(0, 2, 1, 3).astype(q.dtype)
+
+
+def _plain_broadcast(q, k, v, mask, scale):
+  """Short sequences: logits `(B, Lq, Lk, N)` as a fused multiply-reduce over D, all fp32."""
+  f32 = lambda x: x.astype(jnp.float32)
+  s = jnp.sum(f32(q)[:, :, None] * f32(k)[:, None], axis=-1)  # (B, Lq, Lk, N)
+  if mask is not None:
+    s = jnp.where(_mask4(mask).transpose(0, 2, 3, 1), s, _NEG)
+  p = jnp.exp((s - s.max(axis=2, keepdims=True)) * scale)
+  out = jnp.sum(p[..., None] * f32(v)[:, None], axis=2)  # (B, Lq, N, D)
+  return (out / p.sum(axis=2)[..., None]).astype(q.dtype)
 
 
 # ----------------------------------------------------------------------------------------------- chunked
+
+_NEG = float(np.finfo(np.float32).min)
+
 
 def _mask4(mask):
   """A boolean mask as 4-D `(Bm, Nm, Lqm, Lkm)` with each axis 1 or full size."""
@@ -203,102 +238,121 @@ def _pad_axis(x, axis: int, size: int, value=0):
   return jnp.pad(x, widths, constant_values=value)
 
 
-def _chunk_sizes(b: int, n: int, lq: int, lk: int) -> tuple[int, int]:
-  """(query chunk, key chunk) so that one chunk of fp32 logits stays near `config.chunk_bytes`."""
-  per_query = b * n * lk * 4
-  q_chunk = config.chunk_bytes // max(per_query, 1)
+def _divisor_at_most(n: int, limit: int, *, multiple: int = 1) -> int:
+  """The largest divisor of n that is <= limit (and a multiple of `multiple` if one exists), else limit
+  rounded down to `multiple` (then n gets padded)."""
+  limit = max(1, min(n, limit))
+  for c in range(limit, 0, -1):
+    if n % c == 0 and (c % multiple == 0 or c == n):
+      if c * 2 > limit or c == n:  # do not accept a divisor much smaller than the target
+        return c
+      break
+  return max(multiple, limit // multiple * multiple) if limit >= multiple else limit
+
+
+def chunk_plan(pairs: int, lq: int, lk: int, chunk_bytes: int | None = None) -> tuple[int, int, int]:
+  """(pairs per group, query chunk, key chunk) for `pairs` = B*N (batch, head) pairs, so that one block of
+  fp32 logits (group x query chunk x key chunk) is about `chunk_bytes` (default: per backend)."""
+  budget = max(1, (chunk_bytes or _default_chunk_bytes()) // 4)
   k_chunk = lk
-  if q_chunk < config.min_query_chunk and lk > config.key_chunk:
-    # Even a small query chunk against all keys is too big: online softmax over key chunks.
-    k_chunk = config.key_chunk
-    q_chunk = config.chunk_bytes // max(b * n * k_chunk * 4, 1)
-  q_chunk = max(config.min_query_chunk, q_chunk)
-  if q_chunk >= lq:
-    return lq, k_chunk
-  # Prefer a chunk that divides Lq (no padding), else a multiple of 8.
-  for c in range(q_chunk, max(q_chunk // 2, 1) - 1, -1):
-    if lq % c == 0:
-      return c, k_chunk
-  return max(8, q_chunk // 8 * 8), k_chunk
+  if lk * config.min_query_chunk > budget and lk > config.key_chunk:
+    k_chunk = config.key_chunk  # even a few queries against all keys are too many: online softmax
+  q_chunk = _divisor_at_most(lq, max(config.min_query_chunk, budget // k_chunk), multiple=8)
+  group = _divisor_at_most(pairs, max(1, budget // (q_chunk * k_chunk)))
+  return group, q_chunk, min(k_chunk, lk)
 
 
-def _chunked(q, k, v, mask, scale, *, q_chunk: int | None = None, k_chunk: int | None = None):
-  """Exact attention holding one `(B, N, q_chunk, k_chunk)` block of logits at a time.
+def _default_chunk_bytes() -> int:
+  if config.chunk_bytes is not None:
+    return config.chunk_bytes
+  # CPU: a block that stays in L2 is what makes chunking faster than the plain path there.
+  return (2 << 20) if _backend() == "cpu" else (256 << 20)
 
-  Queries are split into chunks mapped with `lax.map`; if `k_chunk < Lk` each query chunk runs an online
-  softmax (running max, running sum, rescaled accumulator, all fp32) over key chunks. Odd lengths are
-  padded: padded queries are dropped, padded keys masked. Each query chunk is a `jax.checkpoint`, so the
-  backward pass stores q/k/v rather than the probabilities.
+
+def _chunked(q, k, v, mask, scale, *, q_chunk: int | None = None, k_chunk: int | None = None,
+             group: int | None = None):
+  """Exact attention one `(group, q_chunk, k_chunk)` block of fp32 logits at a time.
+
+  The B*N (batch, head) pairs are processed `group` at a time (`lax.map`), each group's queries in chunks
+  (`lax.map`); when `k_chunk < Lk` each query chunk runs an online softmax over key chunks (`lax.scan`;
+  running max, running sum and rescaled accumulator in fp32). Odd lengths are padded: padded queries are
+  dropped, padded keys masked. The query-chunk body is a `jax.checkpoint`, so the backward pass keeps
+  q/k/v instead of probabilities.
   """
   b, lq, n, d = q.shape
-  lk = k.shape[1]
-  auto_q, auto_k = _chunk_sizes(b, n, lq, lk)
-  q_chunk = min(q_chunk or auto_q, lq)
-  k_chunk = min(k_chunk or auto_k, lk)
-  nq, nk = -(-lq // q_chunk), -(-lk // k_chunk)
-  lq_pad, lk_pad = nq * q_chunk, nk * k_chunk
+  lk, dv = k.shape[1], v.shape[-1]
+  pairs = b * n
+  plan = chunk_plan(pairs, lq, lk)
+  group = min(group or plan[0], pairs)
+  q_chunk = min(q_chunk or plan[1], lq)
+  k_chunk = min(k_chunk or plan[2], lk)
+  n_groups, nq, nk = -(-pairs // group), -(-lq // q_chunk), -(-lk // k_chunk)
+  pairs_pad, lq_pad, lk_pad = n_groups * group, nq * q_chunk, nk * k_chunk
 
+  def head_major(x, length):  # (B, L, N, D) -> (groups, group, L_pad, D)
+    x = x.transpose(0, 2, 1, 3).reshape(pairs, x.shape[1], x.shape[3])
+    x = _pad_axis(_pad_axis(x, 0, pairs_pad), 1, length)
+    return x.reshape(n_groups, group, length, x.shape[-1])
+
+  qh, kh, vh = head_major(q, lq_pad), head_major(k, lk_pad), head_major(v, lk_pad)
   m = None if mask is None else _mask4(mask)
   if lk_pad != lk:  # padded keys must never be attended to
-    key_valid = jnp.arange(lk_pad) < lk
-    if m is None:
-      m = key_valid[None, None, None, :]
-    else:
-      m = _pad_axis(jnp.broadcast_to(m, (*m.shape[:3], lk)), 3, lk_pad, False) & key_valid
-    k, v = _pad_axis(k, 1, lk_pad), _pad_axis(v, 1, lk_pad)
-  q = _pad_axis(q, 1, lq_pad)
-  qs = q.reshape(b, nq, q_chunk, n, d).swapaxes(0, 1)  # (nq, B, qc, N, D)
-  mask_per_query = m is not None and m.shape[2] != 1
-  if mask_per_query:
+    valid = jnp.arange(lk_pad) < lk
+    m = valid[None, None, None] if m is None else (
+        _pad_axis(jnp.broadcast_to(m, (*m.shape[:3], lk)), 3, lk_pad, False) & valid)
+  if m is not None and m.shape[2] != 1:
     m = _pad_axis(m, 2, lq_pad, True)
-    ms = m.reshape(*m.shape[:2], nq, q_chunk, m.shape[3]).transpose(2, 0, 1, 3, 4)  # (nq, Bm, Nm, qc, Lkm)
-  else:
-    ms = jnp.zeros((nq,), bool)  # placeholder scanned alongside the queries
 
-  neg = jnp.finfo(jnp.float32).min
+  def group_mask(g):
+    """The mask rows of group g: `(group or 1, Lqm, Lkm)`."""
+    if m.shape[0] == 1 and m.shape[1] == 1:
+      return m[0]
+    p = jnp.minimum(g * group + jnp.arange(group), pairs - 1)
+    return m[p // n if m.shape[0] > 1 else 0, p % n if m.shape[1] > 1 else 0]
 
-  def logits(qc, kc, mc):
-    """Masked fp32 logits `(B, N, qc, kc)` of one query chunk against one key chunk."""
-    s = jnp.einsum("bqnd,bknd->bnqk", qc, kc, preferred_element_type=jnp.float32) * scale
-    if mc is not None:
-      s = jnp.where(mc, s, neg)
-    return s
+  def slice_mask(mg, axis, start, size):
+    return mg if mg.shape[axis] == 1 else jax.lax.dynamic_slice_in_dim(mg, start, size, axis)
 
-  @jax.checkpoint
-  def one_query_chunk(args):
-    qc, mq = args
-    mq = mq if mask_per_query else m  # (Bm, Nm, qc or 1, Lkm) or None
-    if nk == 1:
-      s = logits(qc, k, mq)
-      p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-      return jnp.einsum("bnqk,bknd->bqnd", p, v, preferred_element_type=jnp.float32)
-    ks = k.reshape(b, nk, k_chunk, n, d).swapaxes(0, 1)
-    vs = v.reshape(b, nk, k_chunk, n, v.shape[-1]).swapaxes(0, 1)
-    if mq is not None and mq.shape[3] != 1:
-      mks = mq.reshape(*mq.shape[:3], nk, k_chunk).transpose(3, 0, 1, 2, 4)
-    else:
-      mks = jnp.zeros((nk,), bool)
+  def logits(qc, kc, mc):  # (G, qc, D) x (G, kc, D) -> (G, qc, kc) fp32, masked
+    s = jnp.einsum("gqd,gkd->gqk", qc, kc, preferred_element_type=jnp.float32)
+    return s if mc is None else jnp.where(mc, s, _NEG)
 
-    def step(carry, xs):
-      run_max, run_sum, acc = carry
-      kc, vc, mk = xs
-      mk = mk if (mq is not None and mq.shape[3] != 1) else mq
-      s = logits(qc, kc, mk)  # (B, N, qc, kc)
-      new_max = jnp.maximum(run_max, s.max(axis=-1))
-      correction = jnp.exp(run_max - new_max)
-      p = jnp.exp(s - new_max[..., None])
-      run_sum = run_sum * correction + p.sum(axis=-1)
-      pv = jnp.einsum("bnqk,bknd->bnqd", p.astype(v.dtype), vc, preferred_element_type=jnp.float32)
-      acc = acc * correction[..., None] + pv
-      return (new_max, run_sum, acc), None
+  def one_group(args):
+    g, qg, kg, vg = args
+    mg = None if m is None else group_mask(g)
 
-    init = (jnp.full((b, n, q_chunk), neg, jnp.float32), jnp.zeros((b, n, q_chunk), jnp.float32),
-            jnp.zeros((b, n, q_chunk, v.shape[-1]), jnp.float32))
-    (_, run_sum, acc), _ = jax.lax.scan(step, init, (ks, vs, mks))
-    return (acc / run_sum[..., None]).transpose(0, 2, 1, 3)
+    @jax.checkpoint
+    def one_query_chunk(j):
+      qc = jax.lax.dynamic_slice_in_dim(qg, j * q_chunk, q_chunk, 1)
+      mq = None if mg is None else slice_mask(mg, 1, j * q_chunk, q_chunk)
+      if nk == 1:
+        s = logits(qc, kg, mq)
+        p = jnp.exp((s - s.max(axis=-1, keepdims=True)) * scale)
+        o = jnp.einsum("gqk,gkd->gqd", p.astype(vg.dtype), vg, preferred_element_type=jnp.float32)
+        return o / p.sum(axis=-1)[..., None]
 
-  out = jax.lax.map(one_query_chunk, (qs, ms))  # (nq, B, qc, N, Dv)
-  out = out.swapaxes(0, 1).reshape(b, lq_pad, n, v.shape[-1])[:, :lq]
+      def step(carry, i):
+        run_max, run_sum, acc = carry
+        kc = jax.lax.dynamic_slice_in_dim(kg, i * k_chunk, k_chunk, 1)
+        vc = jax.lax.dynamic_slice_in_dim(vg, i * k_chunk, k_chunk, 1)
+        s = logits(qc, kc, None if mq is None else slice_mask(mq, 2, i * k_chunk, k_chunk))
+        new_max = jnp.maximum(run_max, s.max(axis=-1))
+        correction = jnp.exp((run_max - new_max) * scale)
+        p = jnp.exp((s - new_max[..., None]) * scale)
+        acc = acc * correction[..., None] + jnp.einsum(
+            "gqk,gkd->gqd", p.astype(vc.dtype), vc, preferred_element_type=jnp.float32)
+        return (new_max, run_sum * correction + p.sum(axis=-1), acc), None
+
+      init = (jnp.full((group, q_chunk), _NEG, jnp.float32), jnp.zeros((group, q_chunk), jnp.float32),
+              jnp.zeros((group, q_chunk, dv), jnp.float32))
+      (_, run_sum, acc), _ = jax.lax.scan(step, init, jnp.arange(nk))
+      return acc / run_sum[..., None]
+
+    out = jax.lax.map(one_query_chunk, jnp.arange(nq))  # (nq, G, qc, Dv)
+    return out.swapaxes(0, 1).reshape(group, lq_pad, dv)
+
+  out = jax.lax.map(one_group, (jnp.arange(n_groups), qh, kh, vh))  # (groups, G, Lq_pad, Dv)
+  out = out.reshape(pairs_pad, lq_pad, dv)[:pairs, :lq].reshape(b, n, lq, dv).transpose(0, 2, 1, 3)
   return out.astype(q.dtype)
 
 
