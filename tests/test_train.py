@@ -165,7 +165,11 @@ def _parallel_losses(converted: str) -> dict:
     model = tasks.load_models(converted)
     filt, _ = tasks.setup_girl(model, cfg, tok, rngs=nnx.Rngs(0))
     loss_fn = lambda m, b, k: tasks.girl_loss(m, b, k, cfg, sched)
-    tr = Trainer(model, filt, loss_fn, OptimizerConfig(), mesh=mesh, param_mode=mode)  # paper lr 1e-5
+    # Adam's first update is lr * g / (|g| + eps): with the paper's eps 1e-8 the ~1e-9 round-off noise on
+    # parameters whose true gradient is 0 (motion-module biases after a one-channel-per-group GroupNorm)
+    # becomes a full +-lr step whose sign depends on the reduction order, i.e. on the device count. A
+    # larger eps keeps those steps at round-off size (the test checks the sharding, not Adam).
+    tr = Trainer(model, filt, loss_fn, OptimizerConfig(eps=1e-3), mesh=mesh, param_mode=mode)  # paper lr 1e-5
     p, o = tr.init()
     out = []
     for i, b in enumerate(batches):
