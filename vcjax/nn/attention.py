@@ -174,6 +174,8 @@ def dot_product_attention(q, k, v, *, mask=None, implementation: str | None = No
   name = select_implementation(q, k, mask=mask, implementation=implementation)
   scale = 1.0 / math.sqrt(q.shape[-1])
   if name == "xla":
+    if _backend() == "cpu" and max(q.shape[1], k.shape[1]) <= _CPU_BROADCAST_MAX_TOKENS:
+      return _short(q, k, v, mask, scale)
     return _plain(q, k, v, mask, scale)
   if name == "chunked":
     return _chunked(q, k, v, mask, scale)
@@ -185,19 +187,13 @@ def dot_product_attention(q, k, v, *, mask=None, implementation: str | None = No
 @functools.partial(jax.checkpoint, static_argnums=(4,))
 def _plain(q, k, v, mask, scale):
   """All logits at once (fp32), softmax in fp32. A `jax.checkpoint`: the backward pass recomputes the
-  logits from q/k/v instead of storing `(B, N, Lq, Lk)` probabilities (and, for the short-sequence
-  form, its broadcast products) per attention layer.
+  logits from q/k/v instead of storing `(B, N, Lq, Lk)` probabilities per attention layer.
 
   Normalisation is deferred: the second matmul takes exp(s - max) and its `(.., Lq, D)` result is divided
   by the row sums, one pass over the `(B, N, Lq, Lk)` block fewer than normalising the probabilities.
   The 1/sqrt(D) scale is folded into the exponent; q/k/v are made head-major first (XLA:CPU's batched
-  matmul is ~2x faster on contiguous heads). On CPU, very short sequences (the temporal attention: 16-32
-  frames for each of thousands of pixels) use broadcast-multiply-reduce instead of thousands of tiny
-  batched matmuls, which XLA:CPU runs ~3x slower.
+  matmul is ~2x faster on contiguous heads).
   """
-  lq, lk = q.shape[1], k.shape[1]
-  if _backend() == "cpu" and max(lq, lk) <= _CPU_BROADCAST_MAX_TOKENS:
-    return _plain_broadcast(q, k, v, mask, scale)
   qh, kh, vh = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # (B, N, L, D)
   s = jnp.einsum("bnqd,bnkd->bnqk", qh, kh, preferred_element_type=jnp.float32)
   if mask is not None:
@@ -207,15 +203,64 @@ def _plain(q, k, v, mask, scale):
   return (out / p.sum(axis=-1)[..., None]).transpose(0, 2, 1, 3).astype(q.dtype)
 
 
-def _plain_broadcast(q, k, v, mask, scale):
-  """Short sequences: logits `(B, Lq, Lk, N)` as a fused multiply-reduce over D, all fp32."""
-  f32 = lambda x: x.astype(jnp.float32)
-  s = jnp.sum(f32(q)[:, :, None] * f32(k)[:, None], axis=-1)  # (B, Lq, Lk, N)
-  if mask is not None:
-    s = jnp.where(_mask4(mask).transpose(0, 2, 3, 1), s, _NEG)
-  p = jnp.exp((s - s.max(axis=2, keepdims=True)) * scale)
-  out = jnp.sum(p[..., None] * f32(v)[:, None], axis=2)  # (B, Lq, N, D)
-  return (out / p.sum(axis=2)[..., None]).astype(q.dtype)
+# ------------------------------------------------------------------------------------ short sequences (CPU)
+# The temporal attention runs over 16-32 frames for each of thousands of pixels. XLA:CPU runs thousands of
+# tiny batched matmuls ~3x slower than one fused broadcast-multiply-reduce over `(B, Lq, Lk, N, D)`. The
+# forward fuses into reductions that never materialise that 5-D product; autodiff of it does not (XLA kept
+# 16x-logits-sized products alive from the forward to the backward: 730 MiB of the tiny UNet's 16-frame
+# training step). So the gradient is written by hand, in forms XLA fuses, and keeps only q, k, v, the
+# output and the fp32 log-sum-exp `(B, Lq, N)`: no probabilities, no products.
+
+def _f32(x):
+  return x.astype(jnp.float32)
+
+
+def _short_logits(q, k, mask, scale):
+  """Scaled fp32 logits `(B, Lq, Lk, N)`, masked."""
+  s = jnp.sum(_f32(q)[:, :, None] * _f32(k)[:, None], axis=-1) * scale
+  return s if mask is None else jnp.where(_mask4(mask).transpose(0, 2, 3, 1), s, _NEG)
+
+
+def _short_forward(q, k, v, mask, scale):
+  s = _short_logits(q, k, mask, scale)
+  s_max = s.max(axis=2, keepdims=True)
+  e = jnp.exp(s - s_max)
+  row_sum = e.sum(axis=2)  # (B, Lq, N)
+  out = jnp.sum(e[..., None] * _f32(v)[:, None], axis=2) / row_sum[..., None]  # (B, Lq, N, D)
+  return out.astype(q.dtype), s_max[:, :, 0] + jnp.log(row_sum)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _short(q, k, v, mask, scale):
+  """Softmax attention for short sequences as broadcast-multiply-reduce, all fp32 inside."""
+  return _short_forward(q, k, v, mask, scale)[0]
+
+
+def _short_fwd(q, k, v, mask, scale):
+  out, lse = _short_forward(q, k, v, mask, scale)
+  return out, (q, k, v, mask, out, lse)
+
+
+def _short_bwd(scale, residuals, g):
+  # The barrier makes the backward's broadcasts of q/k/v distinct from the forward's: XLA would otherwise
+  # merge the identical `(B, Lq, Lk, N, D)` broadcasts (CSE) and keep them materialised from the forward
+  # until the backward.
+  q, k, v, mask, out, lse = residuals
+  q, k, v, out, lse, g = jax.lax.optimization_barrier((q, k, v, out, lse, g))
+  g = _f32(g)
+  p = jnp.exp(_short_logits(q, k, mask, scale) - lse[:, :, None])  # (B, Lq, Lk, N)
+  dp = jnp.sum(g[:, :, None] * _f32(v)[:, None], axis=-1)  # (B, Lq, Lk, N)
+  ds = p * (dp - jnp.sum(g * _f32(out), axis=-1)[:, :, None]) * scale  # softmax backward
+  # Each product below is reduced over its last axis (a query or key axis moved there first): the
+  # forms XLA:CPU fuses into one reduction without materialising the 5-D product.
+  minor = lambda x, axis: jnp.moveaxis(_f32(x), axis, -1)
+  dv = jnp.sum(minor(p, 1)[..., None, :] * minor(g, 1)[:, None], axis=-1)  # (B, Lk, N, D)
+  dq = jnp.sum(minor(ds, 2)[..., None, :] * minor(k, 1)[:, None], axis=-1)  # (B, Lq, N, D)
+  dk = jnp.sum(minor(ds, 1)[..., None, :] * minor(q, 1)[:, None], axis=-1)  # (B, Lk, N, D)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_short.defvjp(_short_fwd, _short_bwd)
 
 
 # ----------------------------------------------------------------------------------------------- chunked
