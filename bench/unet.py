@@ -26,6 +26,8 @@ Measured, per framework:
             (or, without vcjax.nn.lora, the gradient w.r.t. those layers' base kernels as a stand-in).
 The last line is `ratio_time=X ratio_mem=Y` (vcjax / diffusers, forward time and forward peak memory).
 
+vcjax compiles with `vcjax.compiler`'s options (on CPU: memory-optimized scheduler, no YNNPACK fusions), as
+its sampler and trainer do; --xla-defaults compiles with XLA's defaults instead.
 Options for experiments: --xla-flags (added to XLA_FLAGS of the vcjax worker), --attention (vcjax's global
 attention implementation), --workers, --work-dir (reuse the saved weights), --no-train.
 """
@@ -170,12 +172,14 @@ def vcjax_worker(args) -> dict:
   import safetensors.numpy
   from flax import nnx
 
+  from vcjax import compiler
   from vcjax.loading import from_state_dict
   from vcjax.models.configs import UNet3DConfig, norm_semantics
   from vcjax.nn import attention
   from vcjax.weights.pipeline import unet_fields_from_diffusers
   if args.attention:
     attention.config.implementation = args.attention
+  compiler.config.enabled = not args.xla_defaults
   preset = PRESETS[args.preset]
   with open(os.path.join(args.work_dir, "config.json")) as f:
     dcfg = json.load(f)
@@ -191,10 +195,11 @@ def vcjax_worker(args) -> dict:
   tx, tgt = (jnp.asarray(a.transpose(0, 2, 3, 4, 1)) for a in (tlat, ttarget))
   graphdef, state = nnx.split(unet)
   out = {"framework": "vcjax", "xla_flags": os.environ.get("XLA_FLAGS", ""), "attention": args.attention,
+         "compiler_options": compiler.compiler_options(),
          "devices": str(jax.devices()),
          "params": sum(int(np.prod(a.shape)) for a in jax.tree.leaves(state))}
 
-  @jax.jit
+  @compiler.jit
   def forward(state, x, t, ctx):
     return nnx.merge(graphdef, state)(x, t, ctx)
 
@@ -222,7 +227,7 @@ def vcjax_worker(args) -> dict:
                  lora_tensors=len(jax.tree.leaves(trainable)))
     out["lora_params"] = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(trainable))
 
-    @jax.jit
+    @compiler.jit
     def step(trainable, frozen, x, t, ctx, tgt):
       def loss_fn(trainable):
         pred = nnx.merge(gdef, trainable, frozen)(x, t, ctx)
@@ -262,6 +267,8 @@ def run_worker(name: str, args, extra_env: dict[str, str]) -> dict:
     cmd.append("--no-train")
   if args.attention:
     cmd += ["--attention", args.attention]
+  if args.xla_defaults:
+    cmd.append("--xla-defaults")
   env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **extra_env)
   proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
   for line in proc.stdout.splitlines():
@@ -279,6 +286,8 @@ def report(results: dict[str, dict], args) -> None:
   print(f"preset {args.preset}: 1 x {args.frames} frames x {args.latent}x{args.latent} latents, fp32")
   for r in results.values():
     lines = [f"[{r['framework']}] params {r['params'] / 1e6:.1f}M"]
+    if r["framework"] == "vcjax":
+      lines.append(f"  compiler options    {r['compiler_options']}")
     if "compile_s" in r:
       lines.append(f"  compile (forward)   {r['compile_s']:8.2f} s")
     lines.append(f"  forward (median)    {r['forward_s']:8.3f} s   runs {[round(x, 3) for x in r['forward_times']]}")
@@ -317,6 +326,8 @@ def main(argv=None) -> int:
   p.add_argument("--no-train", action="store_true")
   p.add_argument("--xla-flags", default="", help="added to XLA_FLAGS for the vcjax worker")
   p.add_argument("--attention", default=None, help="vcjax global attention implementation")
+  p.add_argument("--xla-defaults", action="store_true",
+                 help="compile with XLA's default options instead of vcjax.compiler's")
   p.add_argument("--workers", default="torch,vcjax")
   p.add_argument("--work-dir", default=None, help="where the weights are saved (default: a temp dir)")
   p.add_argument("--worker", default=None, help=argparse.SUPPRESS)

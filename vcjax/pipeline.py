@@ -12,7 +12,6 @@ same videos.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Callable, Sequence
 
 import jax
@@ -21,6 +20,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from vcjax import compiler
 from vcjax.diffusion.sampling import sample_loop
 from vcjax.diffusion.schedulers import SchedulerConfig, make_scheduler
 
@@ -140,7 +140,7 @@ class VideoPipeline:
     return VideoOutput(latents=np.asarray(latents[:b]), frames=frames)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3))
+@compiler.jit(static_argnums=(0, 3))
 def _decode(graphdef, params, latents, chunk):
   """`(B, F, h, w, 4)` scaled latents -> `(B, F, H, W, 3)` in [-1, 1], frame chunks at a time."""
   return nnx.merge(graphdef, params).decode_video(latents, chunk_size=chunk)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vcjax import compiler
 from vcjax.diffusion.schedulers import Scheduler
 
 
@@ -46,7 +47,7 @@ def _eps(unet, x, t, ctx, reference):
   return unet_with_reference(unet, x, reference, t, ctx)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "use_cfg"), donate_argnames=("latents",))
+@compiler.jit(static_argnames=("graphdef", "use_cfg"), donate_argnames=("latents",))
 def denoise_step(graphdef, params, latents, sched_state, i, *, scheduler: Scheduler, cond, uncond,
                  guidance_scale, reference=None, lora_scales=None, noise_keys=None, use_cfg: bool = True):
   """One sampler step. params: the UNet's nnx state; i: step index (traced).

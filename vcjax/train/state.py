@@ -27,7 +27,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from vcjax import parallel
+from vcjax import compiler, parallel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,7 +118,7 @@ class Trainer:
     self.batch_sharding = par.batch_sharding(self.mesh)
     step = make_train_step(self.graphdef, loss_fn, self.tx)
     self._step = jax.jit(
-        step, donate_argnums=(0, 1),
+        step, donate_argnums=(0, 1), compiler_options=compiler.compiler_options(),
         in_shardings=(self.trainable_shardings, self.opt_shardings, self.frozen_shardings,
                       self.batch_sharding, self.replicated),
         out_shardings=(self.trainable_shardings, self.opt_shardings, self.replicated))
