@@ -39,7 +39,7 @@ def run(cfg) -> list[str]:
   import numpy as np
   from tqdm import tqdm
 
-  from vcjax.diffusion.lora_schedule import lora_scales
+  from vcjax.diffusion.lora_schedule import lora_scales, skipped_steps
   from vcjax.diffusion.schedulers import SchedulerConfig
   from vcjax.media import write_video
   from vcjax.pipeline import VideoPipeline
@@ -59,10 +59,12 @@ def run(cfg) -> list[str]:
     from vcjax.methods.videomaker import load_reference_image
     image = load_reference_image(cfg.reference, cfg.height, cfg.width)
     references = np.repeat(image[None], n, axis=0)
-  scales = None
+  scales = skip = None
   if cfg.lora:
     pipe.load_lora(cfg.lora)
     scales = lora_scales(cfg.lora_schedule or "constant:1.0", cfg.steps)
+    skip = skipped_steps(cfg.lora_schedule or "constant:1.0", cfg.steps)  # only "authors" skips a step
+    skip = skip if skip.any() else None
   init_noise = None
   if cfg.init_noise:
     init_noise = np.load(cfg.init_noise).transpose(0, 2, 3, 4, 1)  # diffusers (B, C, F, H, W) -> vcjax
@@ -73,7 +75,7 @@ def run(cfg) -> list[str]:
                       num_frames=cfg.num_frames, height=cfg.height, width=cfg.width, steps=cfg.steps,
                       guidance_scale=cfg.guidance_scale, scheduler=cfg.scheduler, eta=cfg.eta,
                       scheduler_config=scheduler_config, reference_images=references, lora_scales=scales,
-                      init_noise=init_noise, progress=lambda it: tqdm(it, desc="denoising", unit="step"))
+                      skip_steps=skip, init_noise=init_noise, progress=lambda it: tqdm(it, desc="denoising", unit="step"))
   seconds = time.time() - start
   if cfg.save_latents:
     np.save(cfg.save_latents, out.latents.transpose(0, 4, 1, 2, 3))

@@ -76,6 +76,39 @@ def test_eight_devices_give_the_same_videos_as_one(pipe):
   assert rel_err(one.latents[0], one.latents[1]) > 0.1
 
 
+def test_skipped_step_leaves_the_latents_for_the_next_timestep(pipe):
+  """CustomCrafter's released sampler ("authors" schedule, N=4, K=3): steps 0, 1 at the low scale, step 2
+  never applied, step 3 at the high scale from the latents step 1 left. Checked against the same steps
+  driven by hand through `denoise_step`, and against the run that skips nothing."""
+  from flax import nnx
+
+  from vcjax.diffusion.lora_schedule import lora_scales, skipped_steps
+  from vcjax.diffusion.schedulers import make_scheduler
+  spec, n = "authors:3:0.4:0.8", 4
+  skip = skipped_steps(spec, n)
+  assert skip.tolist() == [False, False, True, False]
+  noise = np.random.default_rng(3).standard_normal((1, 2, SIZE // 8, SIZE // 8, 4)).astype(np.float32)
+  kw = dict(seeds=[0], num_frames=2, height=SIZE, width=SIZE, steps=n, guidance_scale=None, init_noise=noise,
+            decode=False, devices=jax.devices()[:1])
+  got = pipe.generate(["a"], skip_steps=skip, **kw).latents
+  full = pipe.generate(["a"], **kw).latents
+  sched = make_scheduler("ddim", None, n)
+  graphdef, params = nnx.split(pipe.unet)
+  cond = pipe.encode_prompts(["a"])
+  latents, state = jax.numpy.asarray(noise) * sched.init_noise_sigma, None
+  state = sched.init_state(latents)
+  for i in (0, 1, 3):
+    latents, state = sampling.denoise_step(graphdef, params, latents, state, jax.numpy.int32(i), scheduler=sched,
+                                           cond=cond, uncond=cond, guidance_scale=1.0, use_cfg=False)
+  err = rel_err(got, np.asarray(latents))
+  print(f"skipped step vs hand-driven steps 0, 1, 3: rel err {err:.2e}; vs no skip {rel_err(got, full):.2e}")
+  assert err <= 1e-6
+  assert rel_err(got, full) > 1e-2
+  assert lora_scales(spec, n).tolist() == pytest.approx([0.4, 0.4, 0.8, 0.8])
+  with pytest.raises(ValueError, match="skip_steps has 3 entries"):
+    pipe.generate(["a"], skip_steps=skip[:3], **kw)
+
+
 def test_input_errors(pipe):
   with pytest.raises(ValueError, match="divisible by 8"):
     pipe.generate(["a"], seeds=[0], height=60, width=64)

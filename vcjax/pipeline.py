@@ -80,12 +80,13 @@ class VideoPipeline:
                num_frames: int = 16, height: int = 512, width: int = 512, steps: int = 25,
                guidance_scale: float = 7.5, scheduler: str = "ddim", eta: float = 0.0,
                scheduler_config: SchedulerConfig | None = None, reference_images=None,
-               lora_scales=None, init_noise=None, decode: bool = True, decode_chunk: int = 4,
-               devices=None, progress: Callable | None = None) -> VideoOutput:
+               lora_scales=None, skip_steps=None, init_noise=None, decode: bool = True,
+               decode_chunk: int = 4, devices=None, progress: Callable | None = None) -> VideoOutput:
     """Sample one video per (prompt, seed).
 
     reference_images: `(B, H, W, 3)` in [-1, 1] for VideoMaker, or None. lora_scales: `(steps,)` scale of
-    the attached LoRA per step, or None. init_noise: `(B, F, h, w, 4)` initial latents (else drawn
+    the attached LoRA per step, or None. skip_steps: `(steps,)` bools, steps not applied (see
+    `sampling.sample_loop`), or None. init_noise: `(B, F, h, w, 4)` initial latents (else drawn
     from each seed).
     """
     f = self.vae_scale
@@ -131,7 +132,7 @@ class VideoPipeline:
                           uncond=shard(uncond), guidance_scale=guidance_scale,
                           reference=None if reference is None else shard(reference),
                           lora_scales=None if lora_scales is None else jnp.asarray(lora_scales, jnp.float32),
-                          noise_keys=shard(noise_keys), progress=progress)
+                          noise_keys=shard(noise_keys), skip_steps=skip_steps, progress=progress)
     frames = None
     if decode:  # Decoded where the latents are: each device decodes its own videos.
       vae_def, vae_params = nnx.split(self.vae)

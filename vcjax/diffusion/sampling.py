@@ -70,11 +70,20 @@ def denoise_step(graphdef, params, latents, sched_state, i, *, scheduler: Schedu
 
 
 def sample_loop(graphdef, params, latents, *, scheduler: Scheduler, cond, uncond, guidance_scale: float,
-                reference=None, lora_scales=None, noise_keys=None, progress=None) -> Any:
-  """Run every step of `scheduler` from initial latents (already times init_noise_sigma)."""
+                reference=None, lora_scales=None, noise_keys=None, skip_steps=None, progress=None) -> Any:
+  """Run the steps of `scheduler` from initial latents (already times init_noise_sigma).
+
+  skip_steps: optional `(num_steps,)` bools; a skipped step leaves the latents as they are, so the next
+  step starts from them at its own timestep (CustomCrafter's released sampler, see
+  `lora_schedule.skipped_steps`).
+  """
   use_cfg = guidance_scale is not None and guidance_scale > 1.0
   state = scheduler.init_state(latents)
   steps = range(scheduler.num_steps)
+  if skip_steps is not None:
+    if len(skip_steps) != scheduler.num_steps:
+      raise ValueError(f"skip_steps has {len(skip_steps)} entries for {scheduler.num_steps} steps")
+    steps = [i for i in steps if not skip_steps[i]]
   for i in (progress(steps) if progress else steps):
     latents, state = denoise_step(graphdef, params, latents, state, jnp.int32(i), scheduler=scheduler,
                                   cond=cond, uncond=uncond, guidance_scale=jnp.float32(guidance_scale or 1.0),
