@@ -71,7 +71,8 @@ class Conv(nnx.Module):
     lead = x.shape[:-3]
     x = x.reshape(-1, *x.shape[-3:]).astype(self.dtype)
     kernel = self.kernel[...].astype(self.dtype)
-    out_h, out_w = (_conv_out_size(x.shape[1 + i], kernel.shape[i], self.stride, self.padding[i]) for i in (0, 1))
+    out_h, out_w = (_conv_out_size(x.shape[1 + i], kernel.shape[i], self.stride, self.padding[i])
+                    for i in (0, 1))
     if out_h * out_w <= SMALL_CONV_PIXELS:
       y = _conv_as_matmul(x, kernel, self.stride, self.padding, (out_h, out_w))
     else:
@@ -97,7 +98,8 @@ def _conv_as_matmul(x, kernel, stride: int, padding, out_size):
   kh, kw, cin, cout = kernel.shape
   (out_h, out_w), s = out_size, stride
   xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
-  taps = [xp[:, i:i + s * (out_h - 1) + 1:s, j:j + s * (out_w - 1) + 1:s] for i in range(kh) for j in range(kw)]
+  taps = [xp[:, i:i + s * (out_h - 1) + 1:s, j:j + s * (out_w - 1) + 1:s]
+          for i in range(kh) for j in range(kw)]
   cols = jnp.concatenate(taps, axis=-1)  # (N, out_h, out_w, kh * kw * Cin), tap-major like the kernel
   return jnp.dot(cols, kernel.reshape(kh * kw * cin, cout))
 
