@@ -6,6 +6,7 @@ data=2 x fsdp=2 mesh (data across the processes, parameters split within each); 
 result with the same step computed by itself on one device over the whole batch, and both processes must
 see identical global results. The workers are this file run
 as a script (`python -m tests.test_multihost <process_id> <port>`).
+A second test runs train.py itself as a two-process job and compares its losses with a one-process run.
 """
 
 import json
@@ -19,6 +20,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 240  # generous for a loaded 2-core machine; a hung job fails instead of stalling CI
+TRAIN_TIMEOUT_S = 480  # each train.py phase: compiles the tiny UNet step, checkpoints (180 s in all, loaded)
 
 
 def free_port() -> int:
@@ -60,6 +62,47 @@ def test_two_process_train_step():
   # both processes see the same global results
   for key in ("loss", "out_sum", "grad_sum"):
     assert results[0][key] == results[1][key], key
+
+
+def test_train_py_two_processes_equals_one(converted, tmp_path):
+  """train.py itself as a 2-process job (1 CPU device each, gloo collectives, global batch 2 split 1 + 1):
+  its losses equal the one-process run on the same global batches, and both processes finish."""
+  base = [sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs/train_tiny_girl.py"),
+          f"--config.model={converted}", "--config.num_steps=2", "--config.batch_size=2",
+          "--config.checkpoint.every=2", "--config.checkpoint.async_save=False"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONPATH=ROOT)  # one device per process
+  single = subprocess.run(base + ["--workdir", str(tmp_path / "one")], capture_output=True, text=True,
+                          timeout=TRAIN_TIMEOUT_S, cwd=ROOT, env=env)
+  assert single.returncode == 0, single.stderr[-3000:]
+
+  port = free_port()
+  procs = [subprocess.Popen(base + ["--workdir", str(tmp_path / "two")], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env=dict(env, VCJAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", VCJAX_NUM_PROCESSES="2",
+                                     VCJAX_PROCESS_ID=str(i), JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo"))
+           for i in range(2)]
+  outs = []
+  try:
+    for p in procs:
+      out, err = p.communicate(timeout=TRAIN_TIMEOUT_S)
+      assert p.returncode == 0, f"worker failed ({p.returncode}):\n{err[-3000:]}"
+      outs.append(out)
+  except subprocess.TimeoutExpired:
+    raise AssertionError(f"two-process train.py did not finish in {TRAIN_TIMEOUT_S} s") from None
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  assert "mesh {'data': 2" in outs[0]  # process 0's log: one 2-device mesh over both processes
+
+  read = lambda d: [json.loads(line) for line in open(tmp_path / d / "metrics.jsonl")]
+  one, two = read("one"), read("two")
+  assert [m["step"] for m in two] == [1, 2]
+  for a, b in zip(one, two):
+    print(f"step {a['step']}: loss one process {a['loss']:.6f}, two processes {b['loss']:.6f}")
+    assert abs(a["loss"] - b["loss"]) <= 1e-5 * max(1.0, abs(a["loss"]))
+  assert os.path.isdir(tmp_path / "two" / "checkpoints" / "2")
 
 
 def worker(process_id: int, port: int) -> dict:

@@ -10,6 +10,7 @@ config.data keys: kind ("synthetic" | "folder"), dir (tfds data_dir of a prepare
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 
 from vcjax.models.tokenizer import tokenize
@@ -20,12 +21,16 @@ class SyntheticSource:
 
   task "subject": single-frame images with a random valid rectangle, alternating subject / class rows
   (prompts "a <token> <class>" / "a <class>"); "girl": clips plus a reference image.
+  In a job of several processes each yields its own rows of the global batch (process p of P takes rows
+  [p*b, (p+1)*b) of global batch k), so the global batches equal a one-process run's of P*b rows.
   """
 
   def __init__(self, task: str, tokenizer, *, batch_size: int, size: int, num_frames: int, seed: int,
-               new_token: str = "<new1>", class_word: str = "dog", num_examples: int = 8):
+               new_token: str = "<new1>", class_word: str = "dog", num_examples: int = 8,
+               process_index: int = 0, process_count: int = 1):
     self.task, self.batch_size, self.size, self.num_frames, self.seed = task, batch_size, size, num_frames, seed
     self.num_examples = num_examples
+    self.process_index, self.process_count = process_index, process_count
     prompts = [f"a {new_token} {class_word}", f"a {class_word}"] if task == "subject" else \
         ["a video of a dog running", "a cat on a sofa"]
     self.ids = tokenize(tokenizer, prompts)
@@ -51,7 +56,8 @@ class SyntheticSource:
             "input_ids": self.ids[index % 2], "reference": rng.uniform(-1, 1, (s, s, 3)).astype(np.float32)}
 
   def __next__(self):
-    rows = [self._example(self.position * self.batch_size + i) for i in range(self.batch_size)]
+    first = (self.position * self.process_count + self.process_index) * self.batch_size
+    rows = [self._example(first + i) for i in range(self.batch_size)]
     self.position += 1
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
@@ -68,7 +74,8 @@ def make_data(cfg, tokenizer, *, batch_size: int, seed: int):
   if d.kind == "synthetic":
     return SyntheticSource(cfg.task, tokenizer, batch_size=batch_size, size=cfg.resolution,
                            num_frames=cfg.num_frames, seed=seed, new_token=cfg.get("new_token", "<new1>"),
-                           class_word=cfg.get("class_word", "dog"), num_examples=d.num_examples)
+                           class_word=cfg.get("class_word", "dog"), num_examples=d.num_examples,
+                           process_index=jax.process_index(), process_count=jax.process_count())
   if d.kind != "folder":
     raise ValueError(f"data.kind must be 'synthetic' or 'folder', got {d.kind!r}")
   if not d.dir:
