@@ -29,28 +29,35 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_process_train_step():
-  port = free_port()
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-  env.pop("XLA_FLAGS", None)  # conftest's 8 simulated devices are for this process, not the workers
-  procs = [subprocess.Popen([sys.executable, "-m", "tests.test_multihost", str(i), str(port)], cwd=ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
-  deadline = time.monotonic() + TIMEOUT_S
-  results, logs = [], []
+def run_job(jobs, timeout_s: float) -> list[str]:
+  """Starts every `(argv, env)` at once and waits for all under one deadline; returns their stdouts. A worker
+  that fails or a job that outlives the deadline fails the test; stragglers are killed either way."""
+  procs = [subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for argv, env in jobs]
+  deadline = time.monotonic() + timeout_s
+  outs = []
   try:
     for p in procs:
       out, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
-      logs.append(err[-3000:])
       assert p.returncode == 0, f"worker failed ({p.returncode}):\n{err[-3000:]}"
-      results.append(json.loads(out.strip().splitlines()[-1]))
+      outs.append(out)
   except subprocess.TimeoutExpired:
-    raise AssertionError(f"two-process job did not finish in {TIMEOUT_S} s") from None
+    raise AssertionError(f"the {len(jobs)}-process job did not finish in {timeout_s} s") from None
   finally:
     for p in procs:
       if p.poll() is None:
         p.kill()
         p.wait()
+  return outs
+
+
+def test_two_process_train_step():
+  port = free_port()
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  env.pop("XLA_FLAGS", None)  # conftest's 8 simulated devices are for this process, not the workers
+  outs = run_job([([sys.executable, "-m", "tests.test_multihost", str(i), str(port)], env) for i in range(2)],
+                 TIMEOUT_S)
+  results = [json.loads(out.strip().splitlines()[-1]) for out in outs]
 
   for i, r in enumerate(results):
     print(f"process {i}: {r}")
@@ -76,24 +83,10 @@ def test_train_py_two_processes_equals_one(converted, tmp_path):
   assert single.returncode == 0, single.stderr[-3000:]
 
   port = free_port()
-  procs = [subprocess.Popen(base + ["--workdir", str(tmp_path / "two")], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            env=dict(env, VCJAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", VCJAX_NUM_PROCESSES="2",
-                                     VCJAX_PROCESS_ID=str(i), JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo"))
-           for i in range(2)]
-  outs = []
-  try:
-    for p in procs:
-      out, err = p.communicate(timeout=TRAIN_TIMEOUT_S)
-      assert p.returncode == 0, f"worker failed ({p.returncode}):\n{err[-3000:]}"
-      outs.append(out)
-  except subprocess.TimeoutExpired:
-    raise AssertionError(f"two-process train.py did not finish in {TRAIN_TIMEOUT_S} s") from None
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
+  outs = run_job([(base + ["--workdir", str(tmp_path / "two")],
+                   dict(env, VCJAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", VCJAX_NUM_PROCESSES="2",
+                        VCJAX_PROCESS_ID=str(i), JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")) for i in range(2)],
+                 TRAIN_TIMEOUT_S)
   assert "mesh {'data': 2" in outs[0]  # process 0's log: one 2-device mesh over both processes
 
   read = lambda d: [json.loads(line) for line in open(tmp_path / d / "metrics.jsonl")]
