@@ -6,9 +6,7 @@ import os
 import subprocess
 import sys
 
-import imageio.v2 as imageio
 import numpy as np
-import torch
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,9 +38,8 @@ def test_prepare_train_girl_and_export_round_trip(converted, tmp_path):
   assert [m["step"] for m in metrics] == [1, 2] and all(np.isfinite(m["loss"]) for m in metrics)
 
   # The exported UNet loads in diffusers and computes what vcjax computes with the trained weights.
-  import jax.numpy as jnp
   from diffusers import UNetMotionModel
-  from tests.reference import rel_err, to_channels_last_video
+  from tests.reference import rel_err, run_both
   from vcjax.loading import load_unet
   from vcjax.weights import sources, store
   ref = UNetMotionModel.from_pretrained(str(work / "final" / "unet_diffusers")).eval()
@@ -58,7 +55,4 @@ def test_prepare_train_girl_and_export_round_trip(converted, tmp_path):
   rng = np.random.default_rng(0)
   x = rng.standard_normal((1, 4, 2, 8, 8)).astype(np.float32)
   ctx = rng.standard_normal((1, 77, 32)).astype(np.float32)
-  with torch.no_grad():
-    want = ref(torch.from_numpy(x), torch.tensor([50]), torch.from_numpy(np.repeat(ctx, 2, 0))).sample.numpy()
-  got = unet(jnp.asarray(to_channels_last_video(x)), jnp.array([50]), jnp.asarray(ctx))
-  assert rel_err(got, to_channels_last_video(want)) <= 1e-5
+  assert rel_err(*run_both(ref, unet, x, np.array([50]), ctx)) <= 1e-5

@@ -1,7 +1,6 @@
 """UNet3D vs diffusers' UNetMotionModel (random weights, tiny real architecture), and vs a PyTorch
 reference with the original AnimateDiff's per-frame norms."""
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
@@ -9,7 +8,7 @@ import torch
 from diffusers import UNetMotionModel
 from flax import nnx
 
-from tests.reference import randomize_, rel_err, to_channels_last_video
+from tests.reference import randomize_, rel_err, run_both
 from vcjax.models.configs import tiny_unet
 from vcjax.models.unet3d import UNet3D
 from vcjax.weights.keymaps import load_state_dict
@@ -38,15 +37,6 @@ def inputs(seed=0):
   context = rng.standard_normal((2, 7, 32)).astype(np.float32)
   timesteps = np.array([999, 17], np.int64)
   return latents, timesteps, context
-
-
-def run_both(ref, unet, latents, timesteps, context):
-  # diffusers' UNetMotionModel takes the prompt once per frame (its pipeline repeats it).
-  per_frame_context = torch.from_numpy(np.repeat(context, latents.shape[2], axis=0))
-  with torch.no_grad():
-    want = ref(torch.from_numpy(latents), torch.from_numpy(timesteps), per_frame_context).sample
-  got = unet(jnp.asarray(to_channels_last_video(latents)), jnp.asarray(timesteps), jnp.asarray(context))
-  return np.asarray(got), to_channels_last_video(want.numpy())
 
 
 @pytest.mark.parametrize("mid_block", [False, True])

@@ -8,7 +8,6 @@ can drive a progress bar; the per-step dispatch costs microseconds next to a UNe
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax

@@ -17,7 +17,6 @@ Behaviour:
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
