@@ -29,12 +29,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import harness
+
 SPATIAL_QKV = r".*attentions\.\d+\.transformer_blocks\.\d+\.attn[12]\.to_[qkv]"
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
 # --preset tiny is a CPU smoke test of this script (the same code paths on a toy model), not a benchmark.
@@ -209,17 +209,10 @@ def vcjax_worker(args) -> dict:
 
 
 def run_worker(name: str, args) -> dict:
-  cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--work-dir", args.work_dir,
-         "--preset", args.preset,
-         "--frames", str(args.frames), "--size", str(args.size), "--steps", str(args.steps),
-         "--repeat", str(args.repeat), "--train-repeat", str(args.train_repeat), "--guidance", str(args.guidance)]
-  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-  for line in proc.stdout.splitlines():
-    if line.startswith("RESULT "):
-      return json.loads(line[len("RESULT "):])
-  sys.stderr.write(proc.stdout[-5000:] + proc.stderr[-5000:])
-  raise SystemExit(f"{name} worker failed (exit {proc.returncode})")
+  argv = ["--worker", name, "--work-dir", args.work_dir, "--preset", args.preset, "--frames", str(args.frames),
+          "--size", str(args.size), "--steps", str(args.steps), "--repeat", str(args.repeat),
+          "--train-repeat", str(args.train_repeat), "--guidance", str(args.guidance)]
+  return harness.run_worker(__file__, argv, what=f"{name} worker")
 
 
 def main(argv=None) -> int:
@@ -238,7 +231,7 @@ def main(argv=None) -> int:
   p.add_argument("--json", default=None)
   args = p.parse_args(argv)
   if args.worker:
-    print("RESULT " + json.dumps((torch_worker if args.worker == "torch" else vcjax_worker)(args)))
+    harness.print_result((torch_worker if args.worker == "torch" else vcjax_worker)(args))
     return 0
   tmp = None
   if args.work_dir is None:

@@ -14,13 +14,9 @@ The achievable forward time follows from these throughputs and the model's FLOP 
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
-import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import harness
 
 # (name, frames x H x W, Cin, Cout): the UNet's 3x3 convolutions, NHWC with frames as the batch.
 CONVS = [("conv L0 320->320", (16, 32, 32), 320, 320), ("conv L0 640->320", (16, 32, 32), 640, 320),
@@ -36,13 +32,7 @@ def conv_flops(shape, cin, cout):
 
 
 def median_time(fn, repeat=5):
-  fn()
-  times = []
-  for _ in range(repeat):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return sorted(times)[len(times) // 2]
+  return harness.median(harness.timed_runs(fn, repeat))
 
 
 def torch_worker() -> dict:
@@ -84,15 +74,10 @@ def jax_worker(use_vcjax_options: bool) -> dict:
 def main() -> int:
   if len(sys.argv) > 2 and sys.argv[1] == "--worker":
     which = sys.argv[2]
-    result = torch_worker() if which == "torch" else jax_worker(which == "vcjax")
-    print("RESULT " + json.dumps(result))
+    harness.print_result(torch_worker() if which == "torch" else jax_worker(which == "vcjax"))
     return 0
-  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  results = {}
-  for which in ("torch", "default", "vcjax"):
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", which], env=env,
-                          capture_output=True, text=True, check=True)
-    results[which] = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))[7:])
+  results = {which: harness.run_worker(__file__, ["--worker", which], what=f"{which} worker")
+             for which in ("torch", "default", "vcjax")}
   flops = {name: conv_flops(shape, cin, cout) for name, shape, cin, cout in CONVS}
   flops.update({name: 2 * m * k * n for name, m, k, n in DOTS})
   print(f"{'op (fp32)':26s} {'GFLOP':>7s} | {'torch':>14s} | {'xla default':>14s} | {'xla vcjax':>14s} | vcjax/torch")

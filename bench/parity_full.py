@@ -30,12 +30,12 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import harness
+
 TARGET = 1e-4
 PROMPTS = ("a corgi running on the beach, golden hour", "an astronaut riding a horse on mars, 4k")
 
@@ -43,27 +43,11 @@ PROMPTS = ("a corgi running on the beach, golden hour", "an astronaut riding a h
 # --------------------------------------------------------------------------------------------- measuring
 
 def rss_gib() -> float:
-  with open("/proc/self/statm") as f:
-    return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+  return harness.rss_bytes() / 2**30
 
 
 def peak_gib() -> float:
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith("VmHWM:"):
-        return int(line.split()[1]) / 2**20
-  raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-def reset_peak() -> None:
-  with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")  # VmHWM := current RSS (Linux >= 4.0)
-
-
-def median(xs):
-  xs = sorted(xs)
-  n = len(xs)
-  return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
+  return harness.peak_bytes() / 2**30
 
 
 def rel_err(a, b) -> float:
@@ -138,7 +122,7 @@ def stage_torch(args) -> dict:
   x = torch.from_numpy(np.ascontiguousarray(latents.transpose(0, 4, 1, 2, 3)))  # (B, C, F, H, W)
   ctx = torch.from_numpy(context).repeat_interleave(args.frames, 0)  # once per frame, b-major
   out["loaded_rss_gib"] = rss_gib()
-  reset_peak()
+  harness.reset_peak()
   times, result = [], None
   for _ in range(args.repeat):
     t0 = time.perf_counter()
@@ -146,7 +130,7 @@ def stage_torch(args) -> dict:
       y = model(x, torch.from_numpy(t), ctx).sample
     times.append(time.perf_counter() - t0)
     result = y.numpy().transpose(0, 2, 3, 4, 1) if result is None else result
-  out.update(forward_s=median(times), forward_times=times, forward_peak_gib=peak_gib())
+  out.update(forward_s=harness.median(times), forward_times=times, forward_peak_gib=peak_gib())
   ref = {"unet": result}
   del model, x, ctx, y
   gc.collect()
@@ -203,14 +187,14 @@ def stage_vcjax(args) -> dict:
   if mem is not None:
     out["xla_temp_gib"] = (mem.temp_size_in_bytes + mem.output_size_in_bytes) / 2**30
   out["loaded_rss_gib"] = rss_gib()
-  reset_peak()
+  harness.reset_peak()
   times, got = [], None
   for _ in range(args.repeat):
     t0 = time.perf_counter()
     y = jax.block_until_ready(fwd(state, x, tj, ctx))
     times.append(time.perf_counter() - t0)
     got = np.asarray(y) if got is None else got
-  out.update(forward_s=median(times), forward_times=times, forward_peak_gib=peak_gib())
+  out.update(forward_s=harness.median(times), forward_times=times, forward_peak_gib=peak_gib())
   ref = np.load(p["ref"])
   out["unet_rel_err"] = rel_err(got, ref["unet"])
   out["unet_max_abs_err"] = float(np.abs(got - ref["unet"]).max())
@@ -250,19 +234,12 @@ STAGES = {"write": stage_write, "convert": stage_convert, "torch": stage_torch, 
 # ------------------------------------------------------------------------------------------------ driver
 
 def run_stage(name: str, args) -> dict:
-  cmd = [sys.executable, os.path.abspath(__file__), "--stage", name, "--workdir", args.workdir,
-         "--model", args.model, "--frames", str(args.frames), "--size", str(args.size),
-         "--repeat", str(args.repeat), "--motion-source", args.motion_source] + ([] if args.extras else ["--no-extras"])
-  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  argv = ["--stage", name, "--workdir", args.workdir, "--model", args.model, "--frames", str(args.frames),
+          "--size", str(args.size), "--repeat", str(args.repeat), "--motion-source", args.motion_source]
   t0 = time.perf_counter()
-  proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
-  for line in proc.stdout.splitlines():
-    if line.startswith("RESULT "):
-      result = json.loads(line[len("RESULT "):])
-      result["stage_wall_s"] = time.perf_counter() - t0
-      return result
-  sys.stderr.write(proc.stdout[-5000:] + proc.stderr[-5000:])
-  raise SystemExit(f"stage {name} failed (exit {proc.returncode})")
+  result = harness.run_worker(__file__, argv + ([] if args.extras else ["--no-extras"]), what=f"stage {name}")
+  result["stage_wall_s"] = time.perf_counter() - t0
+  return result
 
 
 def report(r: dict, args) -> bool:
@@ -279,7 +256,7 @@ def report(r: dict, args) -> bool:
     print(f"convert  {c['convert_s']:8.1f} s   peak RSS {c['peak_rss_gib']:5.2f} GiB   "
           f"(convert/animatediff.py {c['convert_argv']})")
   if not {"torch", "vcjax"} <= r.keys():  # the comparison needs both stages (--stages ran fewer)
-    print(f"stage wall times: " + ", ".join(f"{k} {x['stage_wall_s']:.0f} s" for k, x in r.items()))
+    print("stage wall times: " + ", ".join(f"{k} {x['stage_wall_s']:.0f} s" for k, x in r.items()))
     return True
   t, v = r["torch"], r["vcjax"]
   print(f"[diffusers UNetMotionModel] torch {t['torch_version']}, {t['torch_threads']} threads, "
@@ -309,7 +286,7 @@ def report(r: dict, args) -> bool:
           f"(torch {t['clip_s']:.2f} s, vcjax {v['clip_s(incl. compile)']:.2f} s incl. compile)"
           f"   {'PASS' if clip_ok else 'FAIL'}")
     ok = ok and vae_ok and clip_ok
-  print(f"stage wall times: " + ", ".join(f"{k} {x['stage_wall_s']:.0f} s" for k, x in r.items()))
+  print("stage wall times: " + ", ".join(f"{k} {x['stage_wall_s']:.0f} s" for k, x in r.items()))
   return ok
 
 
@@ -334,7 +311,7 @@ def main(argv=None) -> int:
   if args.stage:
     result = STAGES[args.stage](args)
     result["peak_rss_gib"] = peak_gib()
-    print("RESULT " + json.dumps(result))
+    harness.print_result(result)
     return 0
   if args.motion_source is None:
     args.motion_source = "original" if args.model == "sd15" else "diffusers"

@@ -38,64 +38,24 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import harness
+
 SPATIAL_QKV = r".*attentions\.\d+\.transformer_blocks\.\d+\.attn[12]\.to_[qkv]"
 PRESETS = {"tiny": dict(size="tiny", context_dim=32), "sd15": dict(size="sd15", context_dim=768)}
 
 
 # --------------------------------------------------------------------------------------------- measuring
 
-def rss_bytes() -> int:
-  with open("/proc/self/statm") as f:
-    return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def reset_peak() -> None:
-  with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-
-
-def peak_bytes() -> int:
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith("VmHWM:"):
-        return int(line.split()[1]) * 1024
-  raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-def release_free_memory() -> None:
-  """Return freed heap memory to the OS (glibc malloc_trim), so that memory an earlier phase freed but the
-  allocator kept does not hide what the measured runs need. Done the same way for both frameworks."""
-  import ctypes
-  import gc
-  gc.collect()
-  try:
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-  except OSError:
-    pass
-
-
-def timed_runs(fn, repeat: int) -> tuple[list[float], int]:
+def measured_runs(fn, repeat: int) -> tuple[list[float], int]:
   """One warm-up call then `repeat` timed calls; returns (times, peak RSS bytes during all of them)."""
-  release_free_memory()
-  reset_peak()
-  fn()
-  times = []
-  for _ in range(repeat):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return times, peak_bytes()
-
-
-def median(xs):
-  xs = sorted(xs)
-  return xs[len(xs) // 2] if len(xs) % 2 else 0.5 * (xs[len(xs) // 2 - 1] + xs[len(xs) // 2])
+  harness.release_free_memory()
+  harness.reset_peak()
+  times = harness.timed_runs(fn, repeat)
+  return times, harness.peak_bytes()
 
 
 def inputs(args, context_dim: int, *, train: bool = False):
@@ -132,15 +92,15 @@ def torch_worker(args) -> dict:
   context = context.repeat_interleave(args.frames, 0)  # diffusers takes the prompt once per frame
   out = {"framework": "diffusers", "threads": torch.get_num_threads(),
          "params": sum(p.numel() for p in model.parameters())}
-  release_free_memory()
-  base = rss_bytes()
+  harness.release_free_memory()
+  base = harness.rss_bytes()
 
   def forward():
     with torch.no_grad():
       return model(latents, t, context).sample
 
-  times, peak = timed_runs(forward, args.repeat)
-  out.update(forward_s=median(times), forward_times=times, forward_peak=peak - base)
+  times, peak = measured_runs(forward, args.repeat)
+  out.update(forward_s=harness.median(times), forward_times=times, forward_peak=peak - base)
   np.save(os.path.join(args.work_dir, "torch_out.npy"), forward().numpy())
   if not args.no_train:
     from peft import LoraConfig, inject_adapter_in_model
@@ -157,8 +117,8 @@ def torch_worker(args) -> dict:
       loss.backward()
       return loss.item()
 
-    times, peak = timed_runs(step, args.train_repeat)
-    out.update(train_s=median(times), train_times=times, train_peak=peak - base, lora_tensors=len(lora),
+    times, peak = measured_runs(step, args.train_repeat)
+    out.update(train_s=harness.median(times), train_times=times, train_peak=peak - base, lora_tensors=len(lora),
                lora_params=sum(p.numel() for p in lora), lora_kind="peft")
   return out
 
@@ -240,42 +200,35 @@ def vcjax_worker(args) -> dict:
     mem = train.memory_analysis()
     out["xla_train_temp"] = int(mem.temp_size_in_bytes + mem.output_size_in_bytes)
 
-  release_free_memory()
-  base = rss_bytes()
-  times, peak = timed_runs(lambda: jax.block_until_ready(fwd(state, x, tj, ctx)), args.repeat)
-  out.update(forward_s=median(times), forward_times=times, forward_peak=peak - base)
+  harness.release_free_memory()
+  base = harness.rss_bytes()
+  times, peak = measured_runs(lambda: jax.block_until_ready(fwd(state, x, tj, ctx)), args.repeat)
+  out.update(forward_s=harness.median(times), forward_times=times, forward_peak=peak - base)
   got = np.asarray(fwd(state, x, tj, ctx)).transpose(0, 4, 1, 2, 3)
   ref_path = os.path.join(args.work_dir, "torch_out.npy")
   if os.path.exists(ref_path):
     ref = np.load(ref_path).reshape(got.shape)
     out["rel_err_vs_diffusers"] = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
   if train is not None:
-    times, peak = timed_runs(lambda: jax.block_until_ready(train(trainable, frozen, tx, tj, ctx, tgt)),
+    times, peak = measured_runs(lambda: jax.block_until_ready(train(trainable, frozen, tx, tj, ctx, tgt)),
                              args.train_repeat)
-    out.update(train_s=median(times), train_times=times, train_peak=peak - base)
+    out.update(train_s=harness.median(times), train_times=times, train_peak=peak - base)
   return out
 
 
 # ------------------------------------------------------------------------------------------------ driver
 
 def run_worker(name: str, args, extra_env: dict[str, str]) -> dict:
-  cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--preset", args.preset,
-         "--frames", str(args.frames), "--latent", str(args.latent), "--repeat", str(args.repeat),
-         "--train-repeat", str(args.train_repeat), "--train-frames", str(args.train_frames),
-         "--train-latent", str(args.train_latent), "--work-dir", args.work_dir]
+  argv = ["--worker", name, "--preset", args.preset, "--frames", str(args.frames), "--latent", str(args.latent),
+          "--repeat", str(args.repeat), "--train-repeat", str(args.train_repeat), "--train-frames",
+          str(args.train_frames), "--train-latent", str(args.train_latent), "--work-dir", args.work_dir]
   if args.no_train:
-    cmd.append("--no-train")
+    argv.append("--no-train")
   if args.attention:
-    cmd += ["--attention", args.attention]
+    argv += ["--attention", args.attention]
   if args.xla_defaults:
-    cmd.append("--xla-defaults")
-  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **extra_env)
-  proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-  for line in proc.stdout.splitlines():
-    if line.startswith("RESULT "):
-      return json.loads(line[len("RESULT "):])
-  sys.stderr.write(proc.stdout[-5000:] + proc.stderr[-5000:])
-  raise SystemExit(f"{name} worker failed (exit {proc.returncode})")
+    argv.append("--xla-defaults")
+  return harness.run_worker(__file__, argv, env=extra_env, what=f"{name} worker")
 
 
 def mib(x) -> str:
@@ -341,8 +294,7 @@ def main(argv=None) -> int:
   args.train_frames = args.train_frames or (args.frames if args.preset == "tiny" else 8)
   args.train_latent = args.train_latent or (args.latent if args.preset == "tiny" else 16)
   if args.worker:
-    result = (torch_worker if args.worker == "torch" else vcjax_worker)(args)
-    print("RESULT " + json.dumps(result))
+    harness.print_result((torch_worker if args.worker == "torch" else vcjax_worker)(args))
     return 0
   tmp = None
   if args.work_dir is None:
