@@ -165,6 +165,7 @@ def stage_vcjax(args) -> dict:
   from flax import nnx
 
   import vcjax
+  from vcjax import compiler
   p = paths(args.workdir)
   out = dict(jax_version=jax.__version__, devices=str(jax.devices()))
   t0 = time.perf_counter()
@@ -176,7 +177,7 @@ def stage_vcjax(args) -> dict:
   latents, t, context = inputs(args, unet_context_dim(p["converted"]))
   x, tj, ctx = jnp.asarray(latents), jnp.asarray(t), jnp.asarray(context)
 
-  @jax.jit
+  @compiler.jit  # the options vcjax's sampler and trainer compile with
   def forward(state, x, t, ctx):
     return nnx.merge(graphdef, state)(x, t, ctx)
 
