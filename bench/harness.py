@@ -64,6 +64,24 @@ def timed_runs(fn, repeat: int) -> list[float]:
   return times
 
 
+def compile_unet_forward(graphdef, state, *inputs):
+  """The vcjax UNet forward `(state, x, t, ctx) -> eps`, compiled with vcjax.compiler's options (as the
+  sampler is). Returns (compiled executable, compile seconds, XLA's temp + output buffer plan in bytes)."""
+  from flax import nnx
+
+  from vcjax import compiler
+
+  @compiler.jit
+  def forward(state, x, t, ctx):
+    return nnx.merge(graphdef, state)(x, t, ctx)
+
+  t0 = time.perf_counter()
+  compiled = forward.lower(state, *inputs).compile()
+  seconds = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  return compiled, seconds, (mem.temp_size_in_bytes + mem.output_size_in_bytes) if mem is not None else None
+
+
 def run_worker(script: str, argv: list[str], *, env: dict[str, str] | None = None, what: str = "worker") -> dict:
   """Runs `python script argv...` with the repository on PYTHONPATH and returns the JSON dict it printed on
   a line starting with "RESULT "; exits with the worker's output tail if it printed none."""

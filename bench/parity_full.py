@@ -165,7 +165,6 @@ def stage_vcjax(args) -> dict:
   from flax import nnx
 
   import vcjax
-  from vcjax import compiler
   p = paths(args.workdir)
   out = dict(jax_version=jax.__version__, devices=str(jax.devices()))
   t0 = time.perf_counter()
@@ -177,16 +176,9 @@ def stage_vcjax(args) -> dict:
   latents, t, context = inputs(args, unet_context_dim(p["converted"]))
   x, tj, ctx = jnp.asarray(latents), jnp.asarray(t), jnp.asarray(context)
 
-  @compiler.jit  # the options vcjax's sampler and trainer compile with
-  def forward(state, x, t, ctx):
-    return nnx.merge(graphdef, state)(x, t, ctx)
-
-  t0 = time.perf_counter()
-  fwd = forward.lower(state, x, tj, ctx).compile()
-  out["compile_s"] = time.perf_counter() - t0
-  mem = fwd.memory_analysis()
-  if mem is not None:
-    out["xla_temp_gib"] = (mem.temp_size_in_bytes + mem.output_size_in_bytes) / 2**30
+  fwd, out["compile_s"], plan = harness.compile_unet_forward(graphdef, state, x, tj, ctx)
+  if plan is not None:
+    out["xla_temp_gib"] = plan / 2**30
   out["loaded_rss_gib"] = rss_gib()
   harness.reset_peak()
   times, got = [], None

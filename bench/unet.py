@@ -159,15 +159,7 @@ def vcjax_worker(args) -> dict:
          "devices": str(jax.devices()),
          "params": sum(int(np.prod(a.shape)) for a in jax.tree.leaves(state))}
 
-  @compiler.jit
-  def forward(state, x, t, ctx):
-    return nnx.merge(graphdef, state)(x, t, ctx)
-
-  t0 = time.perf_counter()
-  fwd = forward.lower(state, x, tj, ctx).compile()
-  out["compile_s"] = time.perf_counter() - t0
-  mem = fwd.memory_analysis()
-  out["xla_forward_temp"] = int(mem.temp_size_in_bytes + mem.output_size_in_bytes)
+  fwd, out["compile_s"], out["xla_forward_temp"] = harness.compile_unet_forward(graphdef, state, x, tj, ctx)
 
   train = None
   if not args.no_train:
