@@ -64,14 +64,14 @@ def timed_runs(fn, repeat: int) -> list[float]:
   return times
 
 
-def compile_unet_forward(graphdef, state, *inputs):
+def compile_unet_forward(graphdef, state, *inputs, options: bool = True):
   """The vcjax UNet forward `(state, x, t, ctx) -> eps`, compiled with vcjax.compiler's options (as the
   sampler is). Returns (compiled executable, compile seconds, XLA's temp + output buffer plan in bytes)."""
   from flax import nnx
 
   from vcjax import compiler
 
-  @compiler.jit
+  @compiler.jit(options=options)
   def forward(state, x, t, ctx):
     return nnx.merge(graphdef, state)(x, t, ctx)
 

@@ -139,7 +139,7 @@ def vcjax_worker(args) -> dict:
   from vcjax.weights.pipeline import unet_fields_from_diffusers
   if args.attention:
     attention.config.implementation = args.attention
-  compiler.config.enabled = not args.xla_defaults
+  options = not args.xla_defaults  # False: XLA's defaults (less the YNNPACK miscompile, see vcjax.compiler)
   preset = PRESETS[args.preset]
   with open(os.path.join(args.work_dir, "config.json")) as f:
     dcfg = json.load(f)
@@ -155,11 +155,11 @@ def vcjax_worker(args) -> dict:
   tx, tgt = (jnp.asarray(a.transpose(0, 2, 3, 4, 1)) for a in (tlat, ttarget))
   graphdef, state = nnx.split(unet)
   out = {"framework": "vcjax", "xla_flags": os.environ.get("XLA_FLAGS", ""), "attention": args.attention,
-         "compiler_options": compiler.compiler_options(),
+         "compiler_options": compiler.compiler_options(options),
          "devices": str(jax.devices()),
          "params": sum(int(np.prod(a.shape)) for a in jax.tree.leaves(state))}
 
-  fwd, out["compile_s"], out["xla_forward_temp"] = harness.compile_unet_forward(graphdef, state, x, tj, ctx)
+  fwd, out["compile_s"], out["xla_forward_temp"] = harness.compile_unet_forward(graphdef, state, x, tj, ctx, options=options)
 
   train = None
   if not args.no_train:
@@ -179,7 +179,7 @@ def vcjax_worker(args) -> dict:
                  lora_tensors=len(jax.tree.leaves(trainable)))
     out["lora_params"] = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(trainable))
 
-    @compiler.jit
+    @compiler.jit(options=options)
     def step(trainable, frozen, x, t, ctx, tgt):
       def loss_fn(trainable):
         pred = nnx.merge(gdef, trainable, frozen)(x, t, ctx)

@@ -7,6 +7,11 @@
 
 __version__ = "0.1.0"
 
+# Before JAX's backend starts: keep XLA:CPU from miscompiling any program of this process (vcjax.compiler).
+from vcjax import compiler as _compiler  # noqa: E402  (stdlib imports only; JAX is not started)
+
+_compiler.install_cpu_workaround()
+
 _LAZY = {"load_unet", "load_vae", "load_text_encoder", "load_tokenizer", "read_info"}
 
 

@@ -116,8 +116,8 @@ class Trainer:
     self._abstract_trainable = jax.eval_shape(lambda: trainable)
     self.batch_sharding = par.batch_sharding(self.mesh)
     step = make_train_step(self.graphdef, loss_fn, self.tx)
-    self._step = jax.jit(
-        step, donate_argnums=(0, 1), compiler_options=compiler.compiler_options(),
+    self._step = compiler.jit(
+        step, donate_argnums=(0, 1),
         in_shardings=(self.trainable_shardings, self.opt_shardings, self.frozen_shardings,
                       self.batch_sharding, self.replicated),
         out_shardings=(self.trainable_shardings, self.opt_shardings, self.replicated))
@@ -130,7 +130,7 @@ class Trainer:
       raise RuntimeError("Trainer.init() was already called (or the initial values were released)")
     trainable = jax.device_put(self._initial_trainable, self.trainable_shardings)
     self._initial_trainable = None
-    opt_state = jax.jit(self.tx.init, out_shardings=self.opt_shardings)(trainable)
+    opt_state = compiler.jit(self.tx.init, out_shardings=self.opt_shardings)(trainable)
     return trainable, opt_state
 
   def release_initial(self) -> None:
