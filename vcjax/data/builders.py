@@ -31,6 +31,18 @@ VIDEO CLIPS (`prepare_video_dataset`, tfds name `vcjax_video_clips/<name>`; Cele
   center-cropped; reference `(R, R, 3)` uint8 (longer side R, white square padding) + reference_mask
   `(R, R)` + reference_box, as for subject images; frame_indices `(F,)` int32; caption; clip_id.
   Clips with fewer than F frames are skipped and counted ("too_short").
+
+IN-MEMORY EXAMPLES (`examples=` of `prepare_*`, e.g. the procedural world in vcjax/world): items given as
+dicts instead of files, processed exactly like a file's decoded contents (resizing, frame sampling, square
+canvases), so they make the same records.
+  subject: {split: iterable of {"name", "image" (H, W, 3) uint8, optional "mask" (H, W) uint8 or bool,
+           optional "caption"}} (splits "train" and optionally "prior")
+  video:   iterable of {"clip_id", "frames" (T, H, W, 3) uint8, optional "caption", "reference",
+           "mask" (of the reference), and with `with_tracks` "masks" (T, H, W) per-frame subject masks}
+  `with_tracks` (videos, in-memory only) adds masks `(F, H, W)` uint8 (0/255, resized nearest like the
+  frames) and boxes `(F, 4)` int32 (their tight boxes, zeros when empty) to each record.
+`encoding` (both builders; default "none", tfds' varint lists): "bytes" or "zlib" stores the image-sized
+tensors as raw or compressed bytes, many times faster to write (and smaller with zlib); read back the same.
 """
 
 from __future__ import annotations
@@ -46,7 +58,7 @@ import tensorflow_datasets as tfds
 
 from vcjax import media
 from vcjax.data import captions
-from vcjax.data.shp import WHITE, box_mask, fit_in_square
+from vcjax.data.shp import WHITE, box_mask, fit_in_square, subject_box
 
 log = logging.getLogger(__name__)
 SUBJECT_DATASET = "vcjax_subject_images"
@@ -114,6 +126,13 @@ def _fit_mask(mask: np.ndarray, shape: tuple[int, int], path: str) -> np.ndarray
   return media.resize(mask, shape, nearest=True)
 
 
+def _pixels(shape: tuple[int, ...], encoding: str) -> tfds.features.Tensor:
+  """A uint8 image-like tensor feature; encoding "none" keeps tfds' default (the existing datasets' form)."""
+  if encoding == "none":
+    return tfds.features.Tensor(shape=shape, dtype=np.uint8)
+  return tfds.features.Tensor(shape=shape, dtype=np.uint8, encoding=encoding)
+
+
 def _square_record(image: np.ndarray, mask: np.ndarray | None, size: int) -> dict:
   """image + optional mask -> the stored square canvas (white padding), mask (0 padding), box, has_mask."""
   canvas, box = fit_in_square(image, size, WHITE)
@@ -131,6 +150,7 @@ class SubjectImagesConfig(tfds.core.BuilderConfig):
   image_size: int = 512
   mask_dir: str = "masks"
   class_dir: str = "class"
+  encoding: str = "none"  # Of image and mask: "none" | "bytes" | "zlib" (module doc).
 
 
 class VcjaxSubjectImages(tfds.core.GeneratorBasedBuilder):
@@ -148,8 +168,8 @@ class VcjaxSubjectImages(tfds.core.GeneratorBasedBuilder):
     return tfds.core.DatasetInfo(
         builder=self, description="Subject images stored as white-padded squares with masks.",
         features=tfds.features.FeaturesDict({
-            "image": tfds.features.Tensor(shape=(s, s, 3), dtype=np.uint8),
-            "mask": tfds.features.Tensor(shape=(s, s), dtype=np.uint8),
+            "image": _pixels((s, s, 3), self.builder_config.encoding),
+            "mask": _pixels((s, s), self.builder_config.encoding),
             "box": tfds.features.Tensor(shape=(4,), dtype=np.int32),
             "has_mask": tfds.features.Scalar(dtype=np.bool_),
             "caption": tfds.features.Text(),
@@ -158,6 +178,9 @@ class VcjaxSubjectImages(tfds.core.GeneratorBasedBuilder):
         metadata=tfds.core.MetadataDict())
 
   def _split_generators(self, dl_manager):
+    memory = getattr(self, "_memory_examples", None)
+    if memory is not None:
+      return {split: self._generate_memory(items, split) for split, items in memory.items()}
     root = os.fspath(dl_manager.manual_dir)
     cfg = self.builder_config
     splits = {"train": self._generate_examples(root, "", cfg.mask_dir, "train")}
@@ -191,6 +214,17 @@ class VcjaxSubjectImages(tfds.core.GeneratorBasedBuilder):
     rec["name"] = rel
     return rec
 
+  def _generate_memory(self, items, split):
+    stats = _Stats(self, split)
+    for item in items:
+      mask = item.get("mask")
+      mask = None if mask is None else _mask_u8(mask)
+      rec = _square_record(np.asarray(item["image"], np.uint8), mask, self.builder_config.image_size)
+      rec["caption"], rec["name"] = item.get("caption", ""), item["name"]
+      stats.kept += 1
+      yield item["name"], rec
+    stats.publish()
+
 
 # ------------------------------------------------------------------------------------------ videos
 
@@ -204,6 +238,8 @@ class VideoClipsConfig(tfds.core.BuilderConfig):
   width: int = 512
   reference_size: int = 512
   num_workers: int = 4  # Clips decoded in parallel threads (ffmpeg runs as a subprocess).
+  with_tracks: bool = False  # Also store per-frame subject masks and boxes (in-memory examples only).
+  encoding: str = "none"  # Of frames, reference, masks: "none" | "bytes" | "zlib" (module doc).
 
 
 def sample_frame_indices(length: int, num_frames: int, *, sampling: str = "stride", stride: int = 8,
@@ -251,21 +287,27 @@ class VcjaxVideoClips(tfds.core.GeneratorBasedBuilder):
   def _info(self):
     c = self.builder_config
     r = c.reference_size
+    features = {
+        "frames": _pixels((c.num_frames, c.height, c.width, 3), c.encoding),
+        "frame_indices": tfds.features.Tensor(shape=(c.num_frames,), dtype=np.int32),
+        "reference": _pixels((r, r, 3), c.encoding),
+        "reference_mask": _pixels((r, r), c.encoding),
+        "reference_box": tfds.features.Tensor(shape=(4,), dtype=np.int32),
+        "has_mask": tfds.features.Scalar(dtype=np.bool_),
+        "caption": tfds.features.Text(),
+        "clip_id": tfds.features.Text(),
+    }
+    if c.with_tracks:
+      features["masks"] = _pixels((c.num_frames, c.height, c.width), c.encoding)
+      features["boxes"] = tfds.features.Tensor(shape=(c.num_frames, 4), dtype=np.int32)
     return tfds.core.DatasetInfo(
         builder=self, description="Video clips with a white-padded reference image and its subject mask.",
-        features=tfds.features.FeaturesDict({
-            "frames": tfds.features.Tensor(shape=(c.num_frames, c.height, c.width, 3), dtype=np.uint8),
-            "frame_indices": tfds.features.Tensor(shape=(c.num_frames,), dtype=np.int32),
-            "reference": tfds.features.Tensor(shape=(r, r, 3), dtype=np.uint8),
-            "reference_mask": tfds.features.Tensor(shape=(r, r), dtype=np.uint8),
-            "reference_box": tfds.features.Tensor(shape=(4,), dtype=np.int32),
-            "has_mask": tfds.features.Scalar(dtype=np.bool_),
-            "caption": tfds.features.Text(),
-            "clip_id": tfds.features.Text(),
-        }),
-        metadata=tfds.core.MetadataDict())
+        features=tfds.features.FeaturesDict(features), metadata=tfds.core.MetadataDict())
 
   def _split_generators(self, dl_manager):
+    memory = getattr(self, "_memory_examples", None)
+    if memory is not None:
+      return {"train": self._generate_memory(memory)}
     root = os.fspath(dl_manager.manual_dir)
     clips = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
     return {"train": self._generate_examples(root, clips)}
@@ -298,7 +340,6 @@ class VcjaxVideoClips(tfds.core.GeneratorBasedBuilder):
     indices = sample_frame_indices(length, c.num_frames, sampling=c.sampling, stride=c.frame_stride,
                                    window=c.window)
     raw = _read("video", media.read_video_frames, source, indices)
-    frames = np.stack([media.resize_cover(f, (c.height, c.width)) for f in raw])
 
     ref_path = _find(folder, "reference", media.IMAGE_EXTENSIONS)
     if ref_path:
@@ -309,10 +350,64 @@ class VcjaxVideoClips(tfds.core.GeneratorBasedBuilder):
     mask_path = _find(folder, "mask", media.IMAGE_EXTENSIONS)
     if mask_path:
       mask = _read("mask", lambda: _fit_mask(media.read_mask(mask_path), reference.shape[:2], mask_path))
+    return self._record(raw, indices, reference, mask,
+                        captions.read_caption_file(os.path.join(folder, "caption.txt")), clip_id)
+
+  def _record(self, raw, indices, reference, mask, caption, clip_id):
+    """Sampled frames (resized to cover (H, W)) + reference (+ its mask) -> the stored record."""
+    c = self.builder_config
+    frames = np.stack([media.resize_cover(f, (c.height, c.width)) for f in raw])
     ref = _square_record(reference, mask, c.reference_size)
     return {"frames": frames, "frame_indices": indices, "reference": ref["image"],
             "reference_mask": ref["mask"], "reference_box": ref["box"], "has_mask": ref["has_mask"],
-            "caption": captions.read_caption_file(os.path.join(folder, "caption.txt")), "clip_id": clip_id}
+            "caption": caption, "clip_id": clip_id}
+
+  def _generate_memory(self, items):
+    c = self.builder_config
+    stats = _Stats(self, "train")
+    for item in items:
+      clip_id, frames = item["clip_id"], np.asarray(item["frames"], np.uint8)
+      if len(frames) < c.num_frames:
+        stats.skip(clip_id, "too_short", f"clip has {len(frames)} frames, needs {c.num_frames}")
+        continue
+      indices = sample_frame_indices(len(frames), c.num_frames, sampling=c.sampling, stride=c.frame_stride,
+                                     window=c.window)
+      raw = frames[indices]
+      reference = item.get("reference")
+      reference = raw[0] if reference is None else np.asarray(reference, np.uint8)
+      mask = item.get("mask")
+      if mask is not None:
+        mask = _fit_mask(_mask_u8(mask), reference.shape[:2], clip_id)
+      rec = self._record(raw, indices, reference, mask, item.get("caption", ""), clip_id)
+      if c.with_tracks:
+        tracks = np.asarray(item["masks"])[indices]
+        masks = np.stack([_cover_mask(_mask_u8(m), (c.height, c.width)) for m in tracks])
+        rec["masks"], rec["boxes"] = masks, _mask_boxes(masks)
+      stats.kept += 1
+      yield clip_id, rec
+    stats.publish()
+
+
+def _mask_u8(mask) -> np.ndarray:
+  """A bool or uint8 `(H, W)` mask -> uint8 (bool True -> 255)."""
+  mask = np.asarray(mask)
+  return mask.astype(np.uint8) * 255 if mask.dtype == np.bool_ else mask.astype(np.uint8)
+
+
+def _cover_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+  """media.resize_cover for a mask: the same scale and center crop, nearest resampling."""
+  h, w = mask.shape
+  th, tw = size
+  scale = max(th / h, tw / w)
+  nh, nw = max(th, round(h * scale)), max(tw, round(w * scale))
+  out = media.resize(mask, (nh, nw), nearest=True)
+  top, left = (nh - th) // 2, (nw - tw) // 2
+  return out[top:top + th, left:left + tw]
+
+
+def _mask_boxes(masks: np.ndarray) -> np.ndarray:
+  """`(F, H, W)` uint8 -> `(F, 4)` int32 tight boxes of mask >= 128 (zeros when empty)."""
+  return np.stack([np.asarray(subject_box(m) or (0, 0, 0, 0), np.int32) for m in masks])
 
 
 # ------------------------------------------------------------------------------------------ entry points
@@ -322,38 +417,46 @@ def _check_name(name: str):
     raise ValueError(f"dataset name {name!r}: use letters, digits and '_' only")
 
 
-def _prepare(builder, src_dir: str, overwrite: bool) -> dict:
-  if not os.path.isdir(src_dir):
+def _prepare(builder, src_dir: str | None, overwrite: bool, examples=None) -> dict:
+  if examples is not None:
+    builder._memory_examples = examples  # Read by _split_generators instead of manual_dir.
+  elif src_dir is None or not os.path.isdir(src_dir):
     raise FileNotFoundError(f"source folder {src_dir!r} does not exist")
   mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
           else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=os.fspath(src_dir), download_mode=mode))
+      manual_dir=None if src_dir is None else os.fspath(src_dir), download_mode=mode))
   info = builder.info
   return {"dataset": f"{info.name}/{builder.builder_config.name}", "data_dir": os.fspath(builder.data_dir),
           "splits": {k: v.num_examples for k, v in info.splits.items()},
           "stats": dict(info.metadata.get("stats", {}))}
 
 
-def prepare_subject_dataset(src_dir: str, data_dir: str, name: str = "subject", *, image_size: int = 512,
-                            mask_dir: str = "masks", class_dir: str = "class", overwrite: bool = False) -> dict:
-  """Build `vcjax_subject_images/<name>` in `data_dir` from a subject-image folder (layout: module doc).
+def prepare_subject_dataset(src_dir: str | None, data_dir: str, name: str = "subject", *, image_size: int = 512,
+                            mask_dir: str = "masks", class_dir: str = "class", overwrite: bool = False,
+                            examples: dict | None = None, encoding: str = "none") -> dict:
+  """Build `vcjax_subject_images/<name>` in `data_dir` from a subject-image folder (layout: module doc), or
+  from in-memory `examples` ({split: iterable of item dicts}, module doc; then src_dir is None).
 
   Returns {"dataset": tfds name, "data_dir": version folder, "splits": {split: count},
   "stats": {split: {"kept", "skipped", "reasons", "skipped_files"}}}. An existing dataset of that name is
   reused unless `overwrite`.
   """
   _check_name(name)
-  config = SubjectImagesConfig(name=name, image_size=image_size, mask_dir=mask_dir, class_dir=class_dir)
+  config = SubjectImagesConfig(name=name, image_size=image_size, mask_dir=mask_dir, class_dir=class_dir,
+                               encoding=encoding)
   builder = VcjaxSubjectImages(config=config, data_dir=data_dir, file_format="array_record")
-  return _prepare(builder, src_dir, overwrite)
+  return _prepare(builder, src_dir, overwrite, examples)
 
 
-def prepare_video_dataset(src_dir: str, data_dir: str, name: str = "videos", *, num_frames: int = 16,
+def prepare_video_dataset(src_dir: str | None, data_dir: str, name: str = "videos", *, num_frames: int = 16,
                           frame_stride: int = 8, sampling: str = "stride", window: int = 64,
                           size: tuple[int, int] = (512, 512), reference_size: int = 512, num_workers: int = 4,
-                          overwrite: bool = False) -> dict:
-  """Build `vcjax_video_clips/<name>` in `data_dir` from a clip folder (layout: module doc).
+                          overwrite: bool = False, examples=None, with_tracks: bool = False,
+                          encoding: str = "none") -> dict:
+  """Build `vcjax_video_clips/<name>` in `data_dir` from a clip folder (layout: module doc), or from an
+  iterable of in-memory `examples` (module doc; then src_dir is None; with_tracks stores their per-frame
+  masks and boxes).
 
   VideoMaker presets: CelebV-Text = num_frames 16, frame_stride 8 (sampling "stride"); VideoBooth =
   16 frames evenly over a 64-frame window (sampling "window"). Returns the same dict as
@@ -362,8 +465,10 @@ def prepare_video_dataset(src_dir: str, data_dir: str, name: str = "videos", *, 
   _check_name(name)
   if sampling not in ("stride", "window"):
     raise ValueError(f"unknown sampling {sampling!r}: 'stride' or 'window'")
+  if with_tracks and examples is None:
+    raise ValueError("with_tracks needs in-memory examples (clip folders carry no per-frame masks)")
   config = VideoClipsConfig(name=name, num_frames=num_frames, frame_stride=frame_stride, sampling=sampling,
                             window=window, height=size[0], width=size[1], reference_size=reference_size,
-                            num_workers=num_workers)
+                            num_workers=num_workers, with_tracks=with_tracks, encoding=encoding)
   builder = VcjaxVideoClips(config=config, data_dir=data_dir, file_format="array_record")
-  return _prepare(builder, src_dir, overwrite)
+  return _prepare(builder, src_dir, overwrite, examples)

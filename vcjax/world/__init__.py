@@ -1,0 +1,1 @@
+"""The procedural video world (placeholder docstring)."""

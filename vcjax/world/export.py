@@ -1,0 +1,139 @@
+"""Export the world through the tfds array_record builders (vcjax/data/builders.py), in memory.
+
+    python -m vcjax.world.export --out DATA_DIR --kind t2v [--num 10000] [--split train|heldout]
+    python -m vcjax.world.export --out DATA_DIR --kind girl [--num 10000]
+    python -m vcjax.world.export --out DATA_DIR --kind subject [--subject 0 | --subject star,solid,black]
+        [--num 6] [--num-prior 50]
+    common: [--name NAME] [--seed 0] [--size 64] [--frames 16] [--start 0] [--overwrite]
+
+Kinds (the tfds name printed is what `--config.data.dataset` / make_loader(dataset=...) take):
+  t2v      vcjax_video_clips/<name>: clips `--start .. --start+num-1` of `--split`, caption, reference =
+           the first frame + its subject mask, and (with_tracks) per-frame masks (F, H, W) and boxes (F, 4).
+  girl     the same clips, but the reference is a separate still render of the same sprite (another
+           background, position and size; its own random stream) with its mask, so GIRL cannot copy the
+           first frame. make_loader("videomaker") applies SHP to it.
+  subject  vcjax_subject_images/<name>: `num` still images of ONE sprite combination (default: the first
+           held-out one) on drawn backgrounds, with masks and captions (split "train"), and `num_prior`
+           class images (split "prior"): training-split sprites of the same shape (the class word).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+
+from vcjax.world import clips, splits
+from vcjax.world.config import WorldConfig
+
+KINDS = ("t2v", "girl", "subject")
+
+
+def clip_id(split: str, index: int) -> str:
+  return f"{split}_{index:08d}"
+
+
+def video_examples(config: WorldConfig, num: int, split: str = "train", start: int = 0,
+                   reference: str = "first"):
+  """In-memory video items for builders.prepare_video_dataset (with_tracks): clips start..start+num-1.
+  reference: "first" (the first frame and its mask) or "render" (a still render of the same sprite)."""
+  for i in range(start, start + num):
+    clip = clips.sample_clip(config, i, split)
+    item = {"clip_id": clip_id(split, i), "frames": clip.frames, "caption": clip.caption,
+            "masks": clip.masks, "reference": clip.frames[0], "mask": clip.masks[0]}
+    if reference == "render":
+      ref = clips.still_image(config, i, clip.attrs.combo, split, stream="reference")
+      item["reference"], item["mask"] = ref.frames[0], ref.masks[0]
+    elif reference != "first":
+      raise ValueError(f"unknown reference {reference!r}: 'first' or 'render'")
+    yield item
+
+
+def subject_examples(config: WorldConfig, combo: splits.Combo, num: int, num_prior: int) -> dict:
+  """In-memory subject items for builders.prepare_subject_dataset: {"train": [...], "prior": [...]}."""
+  def image(c: clips.Clip, name: str) -> dict:
+    return {"name": name, "image": c.frames[0], "mask": c.masks[0], "caption": c.caption}
+
+  out = {"train": [image(clips.still_image(config, i, combo, "heldout", stream="subject"), f"subject_{i:04d}")
+                   for i in range(num)]}
+  if num_prior > 0:
+    pool = [c for c in splits.combos(config, "train") if c[0] == combo[0] and c != tuple(combo)]
+    out["prior"] = [image(clips.still_image(config, i, pool[i % len(pool)], "train", stream="prior"),
+                          f"prior_{i:04d}") for i in range(num_prior)]
+  return out
+
+
+def subject_combo(config: WorldConfig, subject: str | int) -> splits.Combo:
+  """An index into config.held_out, or "shape,pattern,colour"."""
+  if isinstance(subject, int) or str(subject).isdigit():
+    return tuple(config.held_out[int(subject)])
+  combo = splits.parse_combo(str(subject))
+  for value, names in zip(combo, (config.shapes, config.patterns, config.colours)):
+    if value not in names:
+      raise ValueError(f"{value!r} is not one of {names}")
+  return combo
+
+
+def export(kind: str, data_dir: str, *, config: WorldConfig = WorldConfig(), num: int = 1000,
+           name: str | None = None, split: str = "train", start: int = 0, subject: str | int = 0,
+           num_prior: int = 0, overwrite: bool = False, encoding: str = "bytes") -> dict:
+  """Write one world dataset; returns prepare_*'s dict plus "combo" (subject) and "seconds". encoding: of
+  the pixel tensors ("bytes": several times faster to write than tfds' varint lists; array_record
+  compresses the files anyway)."""
+  from vcjax.data import builders  # tfds is only needed to export, not to sample the world.
+  name = name or f"world_{kind}"
+  t0 = time.perf_counter()
+  if kind in ("t2v", "girl"):
+    examples = video_examples(config, num, split, start, reference="first" if kind == "t2v" else "render")
+    info = builders.prepare_video_dataset(
+        None, data_dir, name, num_frames=config.frames, size=(config.size, config.size),
+        reference_size=config.size, overwrite=overwrite, examples=examples, with_tracks=True,
+        encoding=encoding)
+  elif kind == "subject":
+    combo = subject_combo(config, subject)
+    info = builders.prepare_subject_dataset(None, data_dir, name, image_size=config.size, overwrite=overwrite,
+                                            examples=subject_examples(config, combo, num, num_prior),
+                                            encoding=encoding)
+    info["combo"] = list(combo)
+  else:
+    raise ValueError(f"unknown kind {kind!r}; one of {KINDS}")
+  info["seconds"] = round(time.perf_counter() - t0, 3)
+  return info
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description="Export the procedural world as a vcjax tfds dataset.")
+  p.add_argument("--out", required=True, help="the tfds data_dir")
+  p.add_argument("--kind", required=True, choices=KINDS)
+  p.add_argument("--num", type=int, default=None, help="clips (t2v, girl; default 1000) or images (subject; 6)")
+  p.add_argument("--name", default=None, help="dataset config name (default world_<kind>)")
+  p.add_argument("--split", default="train", choices=splits.SPLITS, help="world split of the clips")
+  p.add_argument("--start", type=int, default=0, help="first clip index")
+  p.add_argument("--subject", default="0", help="held-out index or 'shape,pattern,colour' (subject)")
+  p.add_argument("--num-prior", type=int, default=50, help="class images (subject)")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--size", type=int, default=64)
+  p.add_argument("--frames", type=int, default=16)
+  p.add_argument("--encoding", default="bytes", choices=("none", "bytes", "zlib"), help="pixel tensors")
+  p.add_argument("--overwrite", action="store_true")
+  args = p.parse_args(argv)
+  num = args.num if args.num is not None else (6 if args.kind == "subject" else 1000)
+  try:
+    config = dataclasses.replace(WorldConfig(), seed=args.seed, size=args.size, frames=args.frames)
+    info = export(args.kind, args.out, config=config, num=num, name=args.name, split=args.split,
+                  start=args.start, subject=args.subject, num_prior=args.num_prior, overwrite=args.overwrite,
+                  encoding=args.encoding)
+  except (ValueError, OSError, TypeError) as e:
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    return 1
+  out = {k: info[k] for k in ("dataset", "splits", "seconds") if k in info}
+  if "combo" in info:
+    out["combo"] = info["combo"]
+  print(json.dumps(out))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
