@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from vcjax.models.clip_vision import CLIPConfig, CLIPModel
+from vcjax.models.raft import RAFT, RAFTConfig, raft_state_dict
 from vcjax.models.vit import ViTConfig, ViTModel
 from vcjax.weights import keymaps, sources
 from vcjax.weights.errors import CheckpointError
@@ -97,9 +98,8 @@ def load_dino(folder: str) -> ViTModel:
 # ----------------------------------------------------------------------------------------------- RAFT
 
 
-def load_raft(path: str, config=None):
+def load_raft(path: str, config: RAFTConfig | None = None) -> RAFT:
   """vcjax RAFT from the original code's checkpoint (`raft-things.pth`: `module.fnet.conv1.weight`, ...)."""
-  from vcjax.models.raft import RAFT, RAFTConfig, raft_state_dict
   if os.path.isdir(path):
     raise CheckpointError(f"{path}: is a folder; give the RAFT checkpoint file (raft-things.pth)")
   state = sources.read_state_dict(path)
