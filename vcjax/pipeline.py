@@ -12,7 +12,7 @@ same videos.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -43,18 +43,35 @@ def to_uint8(frames) -> np.ndarray:
 
 
 class VideoPipeline:
-  """UNet3D + VAE + CLIP text encoder + tokenizer."""
+  """UNet3D + VAE + CLIP text encoder + tokenizer, and the model's scheduler settings.
 
-  def __init__(self, unet, vae, text_encoder, tokenizer):
+  scheduler_config: the model's diffusers scheduler config (a `scheduler_config.json` dict; what
+  `convert/animatediff.py` writes to `scheduler/`), or None for vcjax's AnimateDiff defaults.
+  """
+
+  def __init__(self, unet, vae, text_encoder, tokenizer, scheduler_config: Mapping[str, Any] | None = None):
     self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
-    self._text_fn = nnx.jit(lambda m, ids: m(ids))
-    self._encode_ref_fn = None
+    self.scheduler_config = dict(scheduler_config) if scheduler_config is not None else None
+    self.added_tokens: dict[str, str] = {}  # token -> the file its embedding came from (load_textual_inversion)
 
   @classmethod
   def from_pretrained(cls, folder: str, *, dtype=None) -> "VideoPipeline":
     from vcjax import loading
     return cls(loading.load_unet(folder, dtype=dtype), loading.load_vae(folder, dtype=dtype),
-               loading.load_text_encoder(folder, dtype=dtype), loading.load_tokenizer(folder))
+               loading.load_text_encoder(folder, dtype=dtype), loading.load_tokenizer(folder),
+               loading.load_scheduler_config(folder))
+
+  def scheduler_settings(self, overrides: Mapping[str, Any] | None = None) -> SchedulerConfig:
+    """The model's scheduler config with `overrides` (field -> value) on top, as diffusers'
+    `DDIMScheduler.from_pretrained(model, subfolder="scheduler", **overrides)`. Fields vcjax does not
+    implement raise ValueError; unknown names too."""
+    overrides = dict(overrides or {})
+    known = {f.name for f in dataclasses.fields(SchedulerConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+      raise ValueError(f"unknown scheduler field(s) {unknown}; known: {sorted(known)}")
+    base = self.scheduler_config if self.scheduler_config is not None else SchedulerConfig().to_dict()
+    return SchedulerConfig.from_dict({**base, **overrides})
 
   @property
   def vae_scale(self) -> int:
@@ -66,28 +83,53 @@ class VideoPipeline:
     return self.unet.config.motion_max_seq_length
 
   def encode_prompts(self, prompts: Sequence[str]) -> jax.Array:
-    """`(B, 77, D)` CLIP last hidden states."""
-    from vcjax.models.tokenizer import tokenize
-    ids = tokenize(self.tokenizer, list(prompts))
-    return self._text_fn(self.text_encoder, jnp.asarray(ids))
+    """`(B, T, D)` CLIP last hidden states, T the tokenizer's length (`model_max_length`)."""
+    from vcjax.models.new_tokens import expand_prompt
+    from vcjax.models.tokenizer import check_length, tokenize
+    check_length(self.tokenizer, self.text_encoder.config.max_position_embeddings)
+    graphdef, state = nnx.split(self.text_encoder)
+    prompts = [expand_prompt(self.tokenizer, p) for p in prompts]  # multi-vector tokens, as diffusers
+    return _encode_text(graphdef, state, jnp.asarray(tokenize(self.tokenizer, prompts)))
 
-  def load_lora(self, path: str, *, scale: float = 1.0):
-    """Attach a LoRA file (vcjax, diffusers/PEFT or kohya) to the UNet, unmerged, at a run-time scale."""
+  def load_lora(self, path: str, *, scale: float = 1.0, token_embedding: str | None = "") -> list[str]:
+    """Attach a LoRA file (vcjax, diffusers/PEFT or kohya) to the UNet, unmerged, at a run-time scale.
+
+    token_embedding: "" loads the `token_embedding.safetensors` beside the LoRA if there is one (train.py
+    writes the subject's "<new1>" there); a path loads that file; None or "none" loads none. -> tokens added.
+    """
     from vcjax.nn.lora import load_lora_file
+    from vcjax.weights.textual_inversion import token_file_beside
     load_lora_file(self.unet, path, scale=scale)
+    if token_embedding == "":
+      token_embedding = token_file_beside(path)
+    if not token_embedding or token_embedding == "none":
+      return []
+    return self.load_textual_inversion(token_embedding)
+
+  def load_textual_inversion(self, path: str, token: str | None = None) -> list[str]:
+    """Learned tokens from a file (vcjax's token_embedding.safetensors, diffusers' learned_embeds, A1111
+    embeddings; `vcjax.weights.textual_inversion`) into the tokenizer and the text encoder's table.
+    token renames a single-embedding file's token. -> the tokens added (name, name_1, ... if multi-vector)."""
+    from vcjax.models.new_tokens import add_tokens
+    from vcjax.weights.textual_inversion import read_token_embeddings
+    tokens = list(add_tokens(self.tokenizer, self.text_encoder, read_token_embeddings(path, token)))
+    self.added_tokens.update({t: str(path) for t in tokens})
+    return tokens
 
   def generate(self, prompts: Sequence[str], *, seeds: Sequence[int], negative_prompt: str | Sequence[str] = "",
                num_frames: int = 16, height: int = 512, width: int = 512, steps: int = 25,
                guidance_scale: float = 7.5, scheduler: str = "ddim", eta: float = 0.0,
                scheduler_config: SchedulerConfig | None = None, reference_images=None,
-               lora_scales=None, skip_steps=None, init_noise=None, decode: bool = True,
+               lora_scales=None, skip_steps=None, init_noise=None, reference_noise: float | None = None,
+               decode: bool = True,
                decode_chunk: int = 4, devices=None, progress: Callable | None = None) -> VideoOutput:
     """Sample one video per (prompt, seed).
 
     reference_images: `(B, H, W, 3)` in [-1, 1] for VideoMaker, or None. lora_scales: `(steps,)` scale of
     the attached LoRA per step, or None. skip_steps: `(steps,)` bools, steps not applied (see
     `sampling.sample_loop`), or None. init_noise: `(B, F, h, w, 4)` initial latents (else drawn
-    from each seed).
+    from each seed). scheduler_config: None for the model's (`scheduler_settings()`). reference_noise:
+    VideoMaker's optional reference noising ratio (the authors' `ref_noisy_ratio`, 0.01), None for off.
     """
     f = self.vae_scale
     if height % f or width % f:
@@ -99,6 +141,8 @@ class VideoPipeline:
     if len(seeds) != b:
       raise ValueError(f"{b} prompts but {len(seeds)} seeds")
     negatives = [negative_prompt] * b if isinstance(negative_prompt, str) else list(negative_prompt)
+    if scheduler_config is None:
+      scheduler_config = self.scheduler_settings()
     sched = make_scheduler(scheduler, scheduler_config, steps, eta=eta)
 
     mesh = data_mesh(devices)
@@ -109,20 +153,17 @@ class VideoPipeline:
 
     cond = self.encode_prompts(prompts)
     uncond = self.encode_prompts(negatives)
-    keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
+    init_keys, ref_keys, noise_keys = video_keys(seeds)
     shape = (num_frames, height // f, width // f, self.unet.config.in_channels)
     if init_noise is None:
-      init_noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), shape))(keys)
+      init_noise = jax.vmap(lambda k: jax.random.normal(k, shape))(init_keys)
     latents = jnp.asarray(init_noise, jnp.float32) * sched.init_noise_sigma
     if latents.shape != (b, *shape):
       raise ValueError(f"init_noise must have shape {(b, *shape)}, got {latents.shape}")
     reference = None
     if reference_images is not None:
-      from vcjax.methods.videomaker import encode_reference
-      ref_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
-      reference = jnp.concatenate([encode_reference(self.vae, jnp.asarray(img)[None], k)
-                                   for img, k in zip(reference_images, ref_keys)])
-    noise_keys = jax.vmap(lambda k: jax.random.fold_in(k, 2))(keys)
+      vae_def, vae_state = nnx.split(self.vae)
+      reference = _encode_references(vae_def, vae_state, jnp.asarray(reference_images, jnp.float32), ref_keys)
 
     graphdef, params = nnx.split(self.unet)
     params = jax.device_put(params, NamedSharding(mesh, P()))
@@ -132,13 +173,34 @@ class VideoPipeline:
                           uncond=shard(uncond), guidance_scale=guidance_scale,
                           reference=None if reference is None else shard(reference),
                           lora_scales=None if lora_scales is None else jnp.asarray(lora_scales, jnp.float32),
-                          noise_keys=shard(noise_keys), skip_steps=skip_steps, progress=progress)
+                          noise_keys=shard(noise_keys), skip_steps=skip_steps, progress=progress,
+                          reference_noise=reference_noise)
     frames = None
     if decode:  # Decoded where the latents are: each device decodes its own videos.
       vae_def, vae_params = nnx.split(self.vae)
       vae_params = jax.device_put(vae_params, NamedSharding(mesh, P()))
       frames = to_uint8(_decode(vae_def, vae_params, latents, decode_chunk)[:b])
     return VideoOutput(latents=np.asarray(latents[:b]), frames=frames)
+
+
+def video_keys(seeds: Sequence[int]):
+  """`(B,)` PRNG keys per video, each a function of its seed alone: (initial noise, reference posterior
+  sample, per-step sampler noise — step i uses fold_in(key, i))."""
+  keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
+  return tuple(jax.vmap(lambda k, j=j: jax.random.fold_in(k, j))(keys) for j in range(3))
+
+
+@compiler.jit(static_argnums=(0,))
+def _encode_references(vae_def, vae_state, images, keys):
+  """`(B, H, W, 3)` reference images -> `(B, 1, h, w, 4)`, each a posterior sample with its own key."""
+  from vcjax.methods.videomaker import encode_reference
+  vae = nnx.merge(vae_def, vae_state)
+  return jnp.concatenate([encode_reference(vae, images[i:i + 1], keys[i]) for i in range(images.shape[0])])
+
+
+@compiler.jit(static_argnums=(0,))
+def _encode_text(graphdef, state, ids):
+  return nnx.merge(graphdef, state)(ids)
 
 
 @compiler.jit(static_argnums=(0, 3))
