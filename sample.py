@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -34,13 +35,31 @@ def output_paths(output: str, index: int, count: int) -> str:
   return f"{stem}_{index}{ext or '.mp4'}" if count > 1 else (output if ext else output + ".mp4")
 
 
+def read_prompts(cfg) -> list[str]:
+  """`cfg.prompt`, or one prompt per non-empty line of `cfg.prompt_file`; a .tsv whose header names a
+  "prompt" column (as ../shared/data/prompts_*.tsv) gives that column."""
+  if not cfg.prompt_file:
+    return [cfg.prompt]
+  try:
+    with open(cfg.prompt_file) as f:
+      rows = [line.rstrip("\n").split("\t") for line in f if line.strip()]
+  except OSError as e:
+    raise ValueError(f"cannot read prompt file {cfg.prompt_file}: {e.strerror}") from None
+  column = 0
+  if cfg.prompt_file.endswith(".tsv") and rows and "prompt" in rows[0]:
+    column, rows = rows[0].index("prompt"), rows[1:]
+  prompts = [r[column].strip() for r in rows if len(r) > column and r[column].strip()]
+  if not prompts:
+    raise ValueError(f"prompt file {cfg.prompt_file} holds no prompt")
+  return prompts
+
+
 def run(cfg) -> list[str]:
   import jax
   import numpy as np
   from tqdm import tqdm
 
   from vcjax.diffusion.lora_schedule import lora_scales, skipped_steps
-  from vcjax.diffusion.schedulers import SchedulerConfig
   from vcjax.media import write_video
   from vcjax.pipeline import VideoPipeline
 
@@ -52,30 +71,36 @@ def run(cfg) -> list[str]:
   if cfg.num_frames > pipe.max_frames:
     raise ValueError(f"{cfg.num_frames} frames exceed the motion module's positional-encoding length "
                      f"{pipe.max_frames}")
-  n = cfg.num_videos
-  seeds = [cfg.seed + i for i in range(n)]
+  prompts = read_prompts(cfg)
+  n = cfg.num_videos * len(prompts)  # each prompt with seeds seed, seed+1, ...
+  seeds = [cfg.seed + i % cfg.num_videos for i in range(n)]
+  prompts = [p for p in prompts for _ in range(cfg.num_videos)]
   references = None
   if cfg.reference:
     from vcjax.methods.videomaker import load_reference_image
     image = load_reference_image(cfg.reference, cfg.height, cfg.width)
     references = np.repeat(image[None], n, axis=0)
   scales = skip = None
-  if cfg.lora:
-    pipe.load_lora(cfg.lora)
+  if cfg.lora:  # with the learned tokens beside it (train.py's token_embedding.safetensors) or cfg.token_embedding's
+    pipe.load_lora(cfg.lora, token_embedding=cfg.token_embedding)
+  elif cfg.token_embedding and cfg.token_embedding != "none":
+    pipe.load_textual_inversion(cfg.token_embedding)
     scales = lora_scales(cfg.lora_schedule or "constant:1.0", cfg.steps)
     skip = skipped_steps(cfg.lora_schedule or "constant:1.0", cfg.steps)  # only "authors" skips a step
     skip = skip if skip.any() else None
   init_noise = None
   if cfg.init_noise:
     init_noise = np.load(cfg.init_noise).transpose(0, 2, 3, 4, 1)  # diffusers (B, C, F, H, W) -> vcjax
-  scheduler_config = SchedulerConfig(timestep_spacing=cfg.timestep_spacing)
+  overrides = {k: v for k, v in cfg.scheduler.items() if k != "name" and v is not None}
+  scheduler_config = pipe.scheduler_settings(overrides)
 
   start = time.time()
-  out = pipe.generate([cfg.prompt] * n, seeds=seeds, negative_prompt=cfg.negative_prompt,
+  out = pipe.generate(prompts, seeds=seeds, negative_prompt=cfg.negative_prompt,
                       num_frames=cfg.num_frames, height=cfg.height, width=cfg.width, steps=cfg.steps,
-                      guidance_scale=cfg.guidance_scale, scheduler=cfg.scheduler, eta=cfg.eta,
+                      guidance_scale=cfg.guidance_scale, scheduler=cfg.scheduler.name, eta=cfg.eta,
                       scheduler_config=scheduler_config, reference_images=references, lora_scales=scales,
-                      skip_steps=skip, init_noise=init_noise, progress=lambda it: tqdm(it, desc="denoising", unit="step"))
+                      skip_steps=skip, init_noise=init_noise,
+                      reference_noise=cfg.reference_noise_ratio if cfg.reference_noise else None, progress=lambda it: tqdm(it, desc="denoising", unit="step"))
   seconds = time.time() - start
   if cfg.save_latents:
     np.save(cfg.save_latents, out.latents.transpose(0, 4, 1, 2, 3))
@@ -85,7 +110,9 @@ def run(cfg) -> list[str]:
     written.append(write_video(path, out.frames[i], fps=cfg.fps))
     if cfg.gif:
       written.append(write_video(os.path.splitext(path)[0] + ".gif", out.frames[i], fps=cfg.fps))
-    sidecar = dict(config=cfg.to_dict(), seed=seeds[i], seconds=round(seconds, 2), versions=versions(),
+    sidecar = dict(config=cfg.to_dict(), prompt=prompts[i], seed=seeds[i], seconds=round(seconds, 2),
+                   scheduler=dict(name=cfg.scheduler.name, **scheduler_config.to_dict()),
+                   added_tokens=pipe.added_tokens, versions=versions(),
                    devices=[str(d) for d in jax.local_devices()])
     with open(os.path.splitext(path)[0] + ".json", "w") as f:
       json.dump(sidecar, f, indent=2)
@@ -94,6 +121,9 @@ def run(cfg) -> list[str]:
 
 def main(argv):
   del argv
+  # absl's app.run turns Python logging up to INFO; JAX then reports every backend it could not start
+  # ("Unable to initialize backend 'tpu'" on a CPU machine). A plain run prints the progress bar and paths.
+  logging.getLogger("jax").setLevel(logging.WARNING)
   from vcjax.media import MediaError
   from vcjax.weights.errors import CheckpointError
   try:

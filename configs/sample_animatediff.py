@@ -2,33 +2,59 @@
 
     python sample.py --config configs/sample_animatediff.py --config.model=converted/ \
         --config.prompt="a corgi running on the beach" --config.output=outputs/corgi.mp4
+
+The scheduler starts from the model's own (`MODEL/scheduler/scheduler_config.json`, kept by the converter);
+`config.scheduler` overrides fields by name, as diffusers' AnimateDiff docs do (linear betas, linspace spacing,
+steps_offset 1, no clipping). Any field: `--config.scheduler.set_alpha_to_one=True`; None keeps the model's.
 """
 
+import dataclasses
+
 import ml_collections
+
+from vcjax.diffusion.schedulers import SchedulerConfig
+
+# diffusers' AnimateDiff recommendation, and VideoMaker's four overrides (METHODS.md §1, §6).
+ANIMATEDIFF_OVERRIDES = dict(beta_schedule="linear", timestep_spacing="linspace", steps_offset=1,
+                             clip_sample=False)
+
+
+def scheduler_overrides(name: str = "ddim", **fields) -> ml_collections.ConfigDict:
+  """`config.scheduler`: the sampler `name` ("ddim" or "dpmsolver++") and every SchedulerConfig field, None
+  (the model's value) unless given."""
+  c = ml_collections.ConfigDict({f.name: None for f in dataclasses.fields(SchedulerConfig)})
+  c.name = name
+  c.update(fields)
+  return c
 
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.model = ""  # a folder written by convert/animatediff.py
   c.prompt = "a corgi running on the beach, best quality"
+  c.prompt_file = ""  # instead of prompt: one prompt per line (first column of a .tsv), each num_videos times
   c.negative_prompt = "worst quality, low quality, blurry"
   c.num_frames = 16
   c.height = 512
   c.width = 512
   c.steps = 25
   c.guidance_scale = 7.5
-  c.scheduler = "ddim"  # or "dpmsolver++"
-  c.eta = 0.0
-  c.timestep_spacing = "linspace"  # diffusers' recommendation; the original AnimateDiff used "leading"
+  c.scheduler = scheduler_overrides("ddim", **ANIMATEDIFF_OVERRIDES)  # the original AnimateDiff: "leading"
+  c.eta = 0.0  # DDIM's eta
   c.seed = 0
-  c.num_videos = 1  # seeds seed, seed+1, ...; split across every local device
+  c.num_videos = 1  # per prompt, seeds seed, seed+1, ...; all videos split across every local device
   c.reference = ""  # VideoMaker: reference image path
   c.lora = ""  # CustomCrafter: LoRA file (vcjax, diffusers/PEFT or kohya)
   c.lora_schedule = ""  # e.g. "paper", "constant:0.8", "linear:0.4:0.8"
+  # Learned tokens ("<new1>"): a vcjax token_embedding.safetensors, diffusers learned_embeds or A1111 embedding;
+  # "" = the token_embedding.safetensors beside the LoRA if any (train.py writes it there), "none" = never.
+  c.token_embedding = ""
   c.init_noise = ""  # .npy initial latents, diffusers layout (B, C, F, H, W)
   c.save_latents = ""  # .npy path for the final latents, same layout
   c.output = "outputs/video.mp4"
   c.gif = True
   c.fps = 8
   c.dtype = ""  # "" keeps the converted dtype; "bfloat16" for speed on accelerators
+  c.reference_noise = False  # VideoMaker's optional inference-time reference noising (configs/sample_videomaker.py)
+  c.reference_noise_ratio = 0.01
   return c
