@@ -64,8 +64,9 @@ def _water(rng, h, w):
 
 def _sky(rng, h, w):
   base = _vertical(h, w, (80, 150, 230), (185, 215, 245))
-  n = 0.65 * value_noise(rng, h, w, (3, 4)) + 0.35 * value_noise(rng, h, w, (6, 8))
-  cloud = np.clip((n - 0.55) / 0.2, 0, 1)[..., None]
+  n = (0.5 * value_noise(rng, h, w, (2, 3)) + 0.3 * value_noise(rng, h, w, (4, 6))
+       + 0.2 * value_noise(rng, h, w, (8, 12)))  # Octaves: soft blobs with ragged edges.
+  cloud = np.clip((n - 0.52) / 0.16, 0, 1)[..., None]
   return base * (1 - cloud) + _rgb((250, 250, 252)) * cloud
 
 

@@ -53,7 +53,7 @@ def _heart(u: Array, v: Array) -> Array:
 
 def _cross(u: Array, v: Array) -> Array:
   au, av = np.abs(u), np.abs(v)
-  return ((au <= 0.3) & (av <= 0.9)) | ((av <= 0.3) & (au <= 0.9))
+  return ((au <= 0.34) & (av <= 0.9)) | ((av <= 0.34) & (au <= 0.9))
 
 
 def _crescent(u: Array, v: Array) -> Array:
