@@ -86,7 +86,7 @@ def sample_attributes(config: WorldConfig, index: int, split: str = "train", *, 
     raise TypeError(f"unknown attributes {sorted(fixed)}")
   if motion.MOTIONS[mot].kind != "translate":
     speed = None
-  lo, hi = motion.start_range(mot, radius_px(config, size), side=config.size, margin=config.margin,
+  lo, hi = motion.start_range(mot, radius_px(config, size), side=config.size, margin=config.margin * config.size,
                               speed_fraction=speed_fraction(config, speed), grow_range=config.grow_range)
   start = lo + u_start * (hi - lo)
   angle = (2 * u_angle - 1) * config.angle_jitter

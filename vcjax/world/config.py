@@ -34,8 +34,8 @@ class WorldConfig:
   the side); an empty word is the unnamed default. speeds: (name, caption word (after the motion),
   total displacement over the clip as a fraction of the side). spin_degrees: total rotation of
   "spinning" over the clip (clockwise). grow_range: radius factor at the first/last frame of "growing"
-  (reversed for "shrinking"). angle_jitter: max |start angle| in degrees. margin: px kept free between
-  the sprite's bounding circle and the frame edge. antialias: A x A subsamples per pixel (coverage alpha;
+  (reversed for "shrinking"). angle_jitter: max |start angle| in degrees. margin: the gap kept between
+  the sprite's bounding circle and the frame edge, as a fraction of the side. antialias: A x A subsamples per pixel (coverage alpha;
   the mask is coverage >= 0.5). held_out: combinations kept out of the "train" split.
   """
   size: int = 64
@@ -53,7 +53,7 @@ class WorldConfig:
   spin_degrees: float = 180.0
   grow_range: tuple[float, float] = (0.65, 1.3)
   angle_jitter: float = 20.0
-  margin: float = 1.5
+  margin: float = 0.025
   antialias: int = 2
   held_out: tuple[tuple[str, str, str], ...] = HELD_OUT
 
@@ -76,7 +76,7 @@ class WorldConfig:
     for name, _, frac in self.sizes:
       for m in self.motions:
         for sp in (self.speeds if motion.MOTIONS[m].kind == "translate" else self.speeds[:1]):
-          lo, hi = motion.start_range(m, frac * self.size / 2, side=self.size, margin=self.margin,
+          lo, hi = motion.start_range(m, frac * self.size / 2, side=self.size, margin=self.margin * self.size,
                                       speed_fraction=sp[2], grow_range=self.grow_range)
           if (lo > hi).any():
             raise ValueError(f"a {name} sprite {m} at speed {sp[0]} does not fit in {self.size} px")
