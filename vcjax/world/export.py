@@ -4,7 +4,7 @@
     python -m vcjax.world.export --out DATA_DIR --kind girl [--num 10000]
     python -m vcjax.world.export --out DATA_DIR --kind subject [--subject 0 | --subject star,solid,black]
         [--num 6] [--num-prior 50]
-    common: [--name NAME] [--seed 0] [--size 64] [--frames 16] [--start 0] [--overwrite]
+    common: [--name NAME] [--seed 0] [--size 64] [--frames 16] [--start 0] [--workers 1] [--overwrite]
 
 Kinds (the tfds name printed is what `--config.data.dataset` / make_loader(dataset=...) take):
   t2v      vcjax_video_clips/<name>: clips `--start .. --start+num-1` of `--split`, caption, reference =
@@ -35,20 +35,37 @@ def clip_id(split: str, index: int) -> str:
   return f"{split}_{index:08d}"
 
 
+def video_item(config: WorldConfig, split: str, index: int, reference: str = "first") -> dict:
+  """One in-memory video item for builders.prepare_video_dataset (with_tracks). reference: "first" (the
+  first frame and its mask) or "render" (a still render of the same sprite, its own random stream)."""
+  clip = clips.sample_clip(config, index, split)
+  item = {"clip_id": clip_id(split, index), "frames": clip.frames, "caption": clip.caption,
+          "masks": clip.masks, "reference": clip.frames[0], "mask": clip.masks[0]}
+  if reference == "render":
+    ref = clips.still_image(config, index, clip.attrs.combo, split, stream="reference")
+    item["reference"], item["mask"] = ref.frames[0], ref.masks[0]
+  elif reference != "first":
+    raise ValueError(f"unknown reference {reference!r}: 'first' or 'render'")
+  return item
+
+
+def _item_star(args):
+  return video_item(*args)
+
+
 def video_examples(config: WorldConfig, num: int, split: str = "train", start: int = 0,
-                   reference: str = "first"):
-  """In-memory video items for builders.prepare_video_dataset (with_tracks): clips start..start+num-1.
-  reference: "first" (the first frame and its mask) or "render" (a still render of the same sprite)."""
-  for i in range(start, start + num):
-    clip = clips.sample_clip(config, i, split)
-    item = {"clip_id": clip_id(split, i), "frames": clip.frames, "caption": clip.caption,
-            "masks": clip.masks, "reference": clip.frames[0], "mask": clip.masks[0]}
-    if reference == "render":
-      ref = clips.still_image(config, i, clip.attrs.combo, split, stream="reference")
-      item["reference"], item["mask"] = ref.frames[0], ref.masks[0]
-    elif reference != "first":
-      raise ValueError(f"unknown reference {reference!r}: 'first' or 'render'")
-    yield item
+                   reference: str = "first", workers: int = 1):
+  """Items of clips start..start+num-1, in index order; workers > 1 renders them in that many (spawned)
+  processes (the items are the same: each is a function of its index)."""
+  args = [(config, split, i, reference) for i in range(start, start + num)]
+  if workers <= 1:
+    yield from map(_item_star, args)
+    return
+  import concurrent.futures
+  import multiprocessing
+  ctx = multiprocessing.get_context("spawn")  # Not fork: the caller may run tfds/grain threads.
+  with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+    yield from pool.map(_item_star, args, chunksize=32)
 
 
 def subject_examples(config: WorldConfig, combo: splits.Combo, num: int, num_prior: int) -> dict:
@@ -60,8 +77,11 @@ def subject_examples(config: WorldConfig, combo: splits.Combo, num: int, num_pri
                    for i in range(num)]}
   if num_prior > 0:
     pool = [c for c in splits.combos(config, "train") if c[0] == combo[0] and c != tuple(combo)]
-    out["prior"] = [image(clips.still_image(config, i, pool[i % len(pool)], "train", stream="prior"),
-                          f"prior_{i:04d}") for i in range(num_prior)]
+    # Each class image draws its own combination (patterns and colours vary; never a held-out one).
+    picks = [pool[int(clips.clip_rng(config, "train", i, "prior_combo").integers(len(pool)))]
+             for i in range(num_prior)]
+    out["prior"] = [image(clips.still_image(config, i, c, "train", stream="prior"), f"prior_{i:04d}")
+                    for i, c in enumerate(picks)]
   return out
 
 
@@ -78,15 +98,16 @@ def subject_combo(config: WorldConfig, subject: str | int) -> splits.Combo:
 
 def export(kind: str, data_dir: str, *, config: WorldConfig = WorldConfig(), num: int = 1000,
            name: str | None = None, split: str = "train", start: int = 0, subject: str | int = 0,
-           num_prior: int = 0, overwrite: bool = False, encoding: str = "bytes") -> dict:
+           num_prior: int = 0, overwrite: bool = False, encoding: str = "bytes", workers: int = 1) -> dict:
   """Write one world dataset; returns prepare_*'s dict plus "combo" (subject) and "seconds". encoding: of
   the pixel tensors ("bytes": several times faster to write than tfds' varint lists; array_record
-  compresses the files anyway)."""
+  compresses the files anyway). workers: rendering processes for t2v / girl."""
   from vcjax.data import builders  # tfds is only needed to export, not to sample the world.
   name = name or f"world_{kind}"
   t0 = time.perf_counter()
   if kind in ("t2v", "girl"):
-    examples = video_examples(config, num, split, start, reference="first" if kind == "t2v" else "render")
+    examples = video_examples(config, num, split, start, reference="first" if kind == "t2v" else "render",
+                              workers=workers)
     info = builders.prepare_video_dataset(
         None, data_dir, name, num_frames=config.frames, size=(config.size, config.size),
         reference_size=config.size, overwrite=overwrite, examples=examples, with_tracks=True,
@@ -117,6 +138,7 @@ def main(argv=None) -> int:
   p.add_argument("--size", type=int, default=64)
   p.add_argument("--frames", type=int, default=16)
   p.add_argument("--encoding", default="bytes", choices=("none", "bytes", "zlib"), help="pixel tensors")
+  p.add_argument("--workers", type=int, default=1, help="rendering processes (t2v, girl)")
   p.add_argument("--overwrite", action="store_true")
   args = p.parse_args(argv)
   num = args.num if args.num is not None else (6 if args.kind == "subject" else 1000)
@@ -124,7 +146,7 @@ def main(argv=None) -> int:
     config = dataclasses.replace(WorldConfig(), seed=args.seed, size=args.size, frames=args.frames)
     info = export(args.kind, args.out, config=config, num=num, name=args.name, split=args.split,
                   start=args.start, subject=args.subject, num_prior=args.num_prior, overwrite=args.overwrite,
-                  encoding=args.encoding)
+                  encoding=args.encoding, workers=args.workers)
   except (ValueError, OSError, TypeError) as e:
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     return 1
