@@ -53,5 +53,6 @@ from vcjax.world.clips import Clip, ClipAttributes, render, sample_attributes, s
 from vcjax.world.config import HELD_OUT, WorldConfig
 from vcjax.world.splits import combos, is_held_out
 
-__all__ = ["backgrounds", "captions", "clips", "motion", "splits", "sprites", "truth", "Clip", "ClipAttributes", "HELD_OUT", "WorldConfig", "caption", "combos", "is_held_out",
-           "parse_caption", "render", "sample_attributes", "sample_clip", "still_image", "vocabulary"]
+__all__ = ["backgrounds", "captions", "clips", "motion", "splits", "sprites", "truth", "Clip", "ClipAttributes",
+           "HELD_OUT", "WorldConfig", "caption", "combos", "is_held_out", "parse_caption", "render",
+           "sample_attributes", "sample_clip", "still_image", "vocabulary"]

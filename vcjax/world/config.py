@@ -35,8 +35,9 @@ class WorldConfig:
   total displacement over the clip as a fraction of the side). spin_degrees: total rotation of
   "spinning" over the clip (clockwise). grow_range: radius factor at the first/last frame of "growing"
   (reversed for "shrinking"). angle_jitter: max |start angle| in degrees. margin: the gap kept between
-  the sprite's bounding circle and the frame edge, as a fraction of the side. antialias: A x A subsamples per pixel (coverage alpha;
-  the mask is coverage >= 0.5). held_out: combinations kept out of the "train" split.
+  the sprite's bounding circle and the frame edge, as a fraction of the side. antialias: A x A subsamples
+  per pixel (coverage alpha; the mask is coverage >= 0.5). held_out: combinations kept out of the "train"
+  split.
   """
   size: int = 64
   frames: int = 16
