@@ -18,6 +18,7 @@ def get_config():
   c.batch_size = 2
   c.num_steps = 6
   c.optimizer.learning_rate = 1e-3
+  c.optimizer.scale_lr = False  # 1e-3 per step, as before the authors' lr rule became the default
   c.data.kind = "synthetic"
   c.checkpoint.every = 3
   c.checkpoint.async_save = True

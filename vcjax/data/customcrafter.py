@@ -1,12 +1,17 @@
-"""CustomCrafter subject-clip augmentation (METHODS.md §4): random rescale with prompt prefixes, flip, a loss
-mask of the valid (non-padded) region, and the image repeated into a static clip.
+"""CustomCrafter subject-clip augmentation (METHODS.md §4, §6): random rescale with prompt prefixes, flip, a
+loss mask of the valid (non-padded) region, and the image repeated into a static clip.
 
-Rescale follows the Custom Diffusion recipe CustomCrafter builds on: with probability `p_zoom_out` the
-subject image is shrunk to scale ~ U(0.3, 1.0) of the output side and pasted at a random place on a
-`pad_value` canvas (prompt prefixed "a far away"/"very small" when scale < `far_threshold`); otherwise it is
-enlarged to U(1.2, 1.4) and randomly cropped (prefix "zoomed in"/"close up"). The loss mask is 1 where the
-output shows real image content: not the paste canvas, and not the white square padding added when the
-dataset was stored.
+Two distributions (RescaleConfig.mode):
+  "authors" (AUTHORS_RESCALE, the default; the authors' training code): with probability 2/3 the scale is
+  one of {0.3, 0.4, ..., 1.0} (randint(3, 11) / 10), else one of {1.2, 1.3, 1.4} (randint(12, 15) / 10),
+  uniform within each set. Only a scale below `far_threshold` (0.6) shrinks the image and pastes it at a
+  random place on a black (-1) canvas ("a far away"/"very small" prefix); 0.6-1.0 resizes it to the full
+  frame; above 1 it is enlarged and randomly cropped ("zoomed in"/"close up"). Class images: not flipped.
+  "paper" (PAPER_RESCALE; Custom Diffusion's recipe as the paper states it): with probability `p_zoom_out`
+  scale ~ U(0.3, 1.0), shrunk and pasted on a `pad_value` canvas, else U(1.2, 1.4); class images flipped too.
+The loss mask is 1 where the output shows real image content: not the paste canvas, and not the white
+square padding added when the dataset was stored (for a square source image and scale 0.6-1.0 in
+"authors" mode that is the all-ones mask of the authors' code).
 """
 
 from __future__ import annotations
@@ -21,15 +26,31 @@ from vcjax.data import captions
 
 @dataclasses.dataclass(frozen=True)
 class RescaleConfig:
-  """p_zoom_out: probability of the shrink branch (else enlarge). zoom_out / zoom_in: scale ranges relative
-  to the output side. far_threshold: shrink scales below it get a "far away" prefix. pad_value: canvas
-  value in [-1, 1] where the shrunk image does not reach (masked out of the loss anyway)."""
+  """mode: "paper" (continuous ranges) or "authors" (discrete scales in steps of 0.1, see module doc).
+  p_zoom_out: probability of the shrink branch (else enlarge). zoom_out / zoom_in: scale ranges relative
+  to the output side (both ends included in "authors" mode). far_threshold: shrink scales below it get a
+  "far away" prefix (and, in "authors" mode, are the only ones pasted on a canvas). pad_value: canvas value
+  in [-1, 1] where the shrunk image does not reach (masked out of the loss anyway). flip_prior: whether
+  class (prior) images get the random flip."""
+  mode: str = "paper"
   p_zoom_out: float = 0.66
   zoom_out: tuple[float, float] = (0.3, 1.0)
   zoom_in: tuple[float, float] = (1.2, 1.4)
   far_threshold: float = 0.6
   flip_prob: float = 0.5
   pad_value: float = 0.0
+  flip_prior: bool = True
+
+
+PAPER_RESCALE = RescaleConfig()
+AUTHORS_RESCALE = RescaleConfig(mode="authors", p_zoom_out=2 / 3, pad_value=-1.0, flip_prior=False)
+RESCALE_PRESETS = {"paper": PAPER_RESCALE, "authors": AUTHORS_RESCALE}
+
+
+def _discrete(u: float, lo: float, hi: float) -> float:
+  """u in [0, 1) -> one of lo, lo + 0.1, ..., hi, uniformly (the authors' randint(10 lo, 10 hi + 1) / 10)."""
+  a, b = int(round(10 * lo)), int(round(10 * hi))
+  return (a + min(int(u * (b - a + 1)), b - a)) / 10
 
 
 def to_unit_range(image: np.ndarray) -> np.ndarray:
@@ -38,28 +59,34 @@ def to_unit_range(image: np.ndarray) -> np.ndarray:
 
 
 def rescale_augment(image: np.ndarray, valid: np.ndarray, rng: np.random.Generator, out_size: int,
-                    config: RescaleConfig = RescaleConfig(), augment: bool = True):
+                    config: RescaleConfig = PAPER_RESCALE, augment: bool = True, flip: bool = True):
   """One subject image -> (pixels `(R, R, 3)` float32 in [-1, 1], loss mask `(R, R)` float32 {0, 1},
   prompt prefix str, branch "out" | "in" | "none", scale float), R = out_size.
 
   image: `(S, S, 3)` uint8; valid: `(S, S)` bool, True on real content. With augment=False only the flip
-  is random (prior-preservation class images). The number of rng draws does not depend on the branch.
+  is random (prior-preservation class images); flip=False turns the flip off too. The number of rng draws
+  does not depend on the branch or the flags.
   """
-  flip = rng.random() < config.flip_prob
+  if config.mode not in RESCALE_PRESETS:
+    raise ValueError(f"unknown rescale mode {config.mode!r}: one of {sorted(RESCALE_PRESETS)}")
+  do_flip = (rng.random() < config.flip_prob) and flip
   zoom_out = rng.random() < config.p_zoom_out
   u = float(rng.random())
   offset = rng.random(2)
-  if flip:
+  if do_flip:
     image, valid = image[:, ::-1], valid[:, ::-1]
+  rng_range = _discrete if config.mode == "authors" else (lambda x, lo, hi: lo + x * (hi - lo))
   if not augment:
     branch, scale = "none", 1.0
   elif zoom_out:
-    branch, scale = "out", config.zoom_out[0] + u * (config.zoom_out[1] - config.zoom_out[0])
+    branch, scale = "out", rng_range(u, *config.zoom_out)
   else:
-    branch, scale = "in", config.zoom_in[0] + u * (config.zoom_in[1] - config.zoom_in[0])
+    branch, scale = "in", rng_range(u, *config.zoom_in)
   prefix = captions.scale_prefix(rng, branch, scale, config.far_threshold)
 
-  side = max(1, int(round(scale * out_size)))
+  # The authors shrink only below far_threshold; 0.6-1.0 fills the frame (no paste, no canvas).
+  fill = config.mode == "authors" and branch == "out" and scale >= config.far_threshold
+  side = out_size if fill else max(1, int(round(scale * out_size)))
   img = to_unit_range(media.resize(np.ascontiguousarray(image), (side, side)))
   val = media.resize(np.ascontiguousarray(valid).astype(np.uint8) * 255, (side, side), nearest=True) > 0
   if side <= out_size:

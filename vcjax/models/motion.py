@@ -33,10 +33,15 @@ class MotionModule(nnx.Module):
   GroupNorm(eps 1e-6) with statistics per frame (original AnimateDiff) or across frames (diffusers),
   Linear proj_in, `depth` blocks of two temporal self-attentions + GEGLU FF with the sinusoidal pe added
   to the normed input of each attention, Linear proj_out, + x. Attention runs over F for every (b, h, w).
+
+  proj_out starts at zero (AnimateDiff's zero_initialize): a freshly built module is the identity, so a
+  motion module trained from scratch starts from the image model's output. zero_init_out=False keeps the
+  random init (tests that want every weight to matter). Loaded weights overwrite it either way.
   """
 
   def __init__(self, channels: int, heads: int, *, depth: int = 1, max_seq_length: int = 32, groups: int = 32,
-               across_frames: bool = True, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+               across_frames: bool = True, zero_init_out: bool = True, rngs: nnx.Rngs, dtype=jnp.float32,
+               param_dtype=jnp.float32):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.max_seq_length = max_seq_length
     self.norm = GroupNorm(groups, channels, epsilon=1e-6, across_frames=across_frames, param_dtype=param_dtype)
@@ -44,6 +49,9 @@ class MotionModule(nnx.Module):
     self.transformer_blocks = nnx.List(
         [TransformerBlock(channels, heads, None, **kw) for _ in range(depth)])
     self.proj_out = Linear(channels, channels, **kw)
+    if zero_init_out:
+      self.proj_out.kernel.set_value(jnp.zeros_like(self.proj_out.kernel.get_value()))
+      self.proj_out.bias.set_value(jnp.zeros_like(self.proj_out.bias.get_value()))
 
   def __call__(self, x):
     b, f, hgt, wid, c = x.shape

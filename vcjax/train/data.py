@@ -1,11 +1,14 @@
 """Training batches: the real grain loaders (vcjax.data.pipeline.make_loader) or a synthetic source.
 
-Both yield numpy dicts (pixels `(B, F, H, W, 3)` in [-1, 1], mask `(B, F, H, W, 1)`, input_ids `(B, 77)`
+Both yield numpy dicts (pixels `(B, F, H, W, 3)` in [-1, 1], mask `(B, F, H, W, 1)`, input_ids `(B, T)`
 int32, is_prior `(B,)` for "subject"; reference `(B, H, W, 3)` for "girl") and have
 `get_state()` / `set_state(state)` with a JSON-serialisable state, saved in every checkpoint.
 
 config.data keys: kind ("synthetic" | "folder"), dir (tfds data_dir of a prepared dataset), dataset
-(tfds name, default the kind's), num_threads, worker_count, and for synthetic: num_examples.
+(tfds name, default the kind's), num_threads, worker_count, for synthetic: num_examples; for "girl" folders:
+shp, and the temporal window drawn at each read: frame_stride (8, CelebV-Text) with sampling "stride", or
+sampling "window" (num_frames evenly over `window` frames, VideoBooth). The synthetic source applies no
+caption dropout or augmentation (fixed prompts and images).
 """
 
 from __future__ import annotations
@@ -85,8 +88,10 @@ def make_data(cfg, tokenizer, *, batch_size: int, seed: int):
   kwargs = {}
   if cfg.task == "subject":
     kwargs = dict(size=cfg.resolution, num_frames=cfg.num_frames, placeholder=cfg.new_token,
-                  class_word=cfg.class_word, with_prior=cfg.prior_loss_weight > 0)
+                  class_word=cfg.class_word, with_prior=cfg.prior_loss_weight > 0,
+                  rescale=cfg.get("augment", "authors"), caption_dropout=cfg.get("caption_dropout", 0.2))
   else:
-    kwargs = dict(shp=d.get("shp", "object"))
+    kwargs = dict(shp=d.get("shp", "object"), num_frames=cfg.num_frames, frame_stride=d.get("frame_stride", 8),
+                  sampling=d.get("sampling", "stride"), window=d.get("window", 64))
   return make_loader(kind, d.dir, batch_size, seed, tokenizer, dataset=d.get("dataset") or None,
                      num_threads=d.get("num_threads", 4), worker_count=d.get("worker_count", 0), **kwargs)

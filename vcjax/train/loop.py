@@ -31,7 +31,7 @@ from flax import nnx
 
 from vcjax import parallel
 from vcjax.diffusion.schedulers import SchedulerConfig
-from vcjax.models.tokenizer import load_tokenizer
+from vcjax.models.tokenizer import check_length, load_tokenizer
 from vcjax.train import hooks, tasks
 from vcjax.train.checkpoint import Checkpointer, flatten
 from vcjax.train.data import make_data
@@ -77,10 +77,19 @@ class _Preemption:
     return bool(np.any(multihost_utils.process_allgather(np.asarray(self.requested))))
 
 
+def optimizer_config(cfg) -> OptimizerConfig:
+  """The OptimizerConfig of a train config; `optimizer.scale_lr` multiplies the lr by the global batch."""
+  o = cfg.optimizer
+  lr = o.learning_rate * (cfg.batch_size if o.get("scale_lr", False) else 1)
+  return OptimizerConfig(learning_rate=lr, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps,
+                         grad_clip=o.grad_clip, warmup_steps=o.warmup_steps)
+
+
 def build(cfg, *, mesh=None):
   """-> (trainer, tokenizer, info) for a train config."""
   model = tasks.load_models(cfg.model, cfg.dtype)
   tokenizer = load_tokenizer(cfg.model)
+  check_length(tokenizer, model.text_encoder.config.max_position_embeddings)
   trainable_filter, info = tasks.SETUP[cfg.task](model, cfg, tokenizer, rngs=nnx.Rngs(cfg.seed))
   if cfg.remat:
     info["remat_blocks"] = hooks.enable_remat(model.unet)
@@ -90,9 +99,8 @@ def build(cfg, *, mesh=None):
   def loss_fn(m, batch, key):
     return loss(m, batch, key, cfg, sched)
 
-  o = cfg.optimizer
-  opt = OptimizerConfig(learning_rate=o.learning_rate, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps,
-                        grad_clip=o.grad_clip, warmup_steps=o.warmup_steps)
+  opt = optimizer_config(cfg)
+  info["learning_rate"] = opt.learning_rate
   if mesh is None:
     mesh = parallel.make_mesh(data=cfg.mesh.data, fsdp=cfg.mesh.fsdp, sequence=cfg.mesh.sequence)
   trainer = Trainer(model, trainable_filter, loss_fn, opt, mesh=mesh, param_mode=cfg.mesh.param_sharding)
@@ -225,7 +233,8 @@ def run(cfg, workdir: str) -> int:
 
 
 def default_config(task: str):
-  """Paper settings for `task` ("subject" | "girl"); configs/*.py start from this."""
+  """Settings of `task` ("subject" | "girl") from METHODS.md (the authors' code where it and the paper
+  differ; the paper's choice stays one key away); configs/*.py start from this."""
   import ml_collections
   if task not in tasks.TASKS:
     raise ValueError(f"task must be one of {tasks.TASKS}, got {task!r}")
@@ -240,25 +249,35 @@ def default_config(task: str):
   c.dtype = "float32"  # compute dtype of UNet + VAE ("bfloat16" for mixed precision; params stay fp32)
   c.remat = False  # gradient checkpointing per resnet / spatial transformer / motion module
   c.beta_schedule, c.beta_start, c.beta_end = "linear", 0.00085, 0.012  # AnimateDiff's DDPM schedule
+  # scale_lr: learning_rate is per example and multiplied by the global batch_size (the authors' LVDM
+  # rule, base lr x GPUs x per-GPU batch: 3e-5 x 4 x 2 = 2.4e-4 for CustomCrafter).
+  # grad_clip: global norm, <= 0 off (the CustomCrafter code clips nothing; VideoMaker clips at 1.0).
   c.optimizer = ml_collections.ConfigDict(dict(
-      learning_rate=3e-5 if task == "subject" else 1e-5, weight_decay=1e-2, b1=0.9, b2=0.999, eps=1e-8,
-      grad_clip=1.0, warmup_steps=0))
+      learning_rate=3e-5 if task == "subject" else 1e-5, scale_lr=task == "subject", weight_decay=1e-2,
+      b1=0.9, b2=0.999, eps=1e-8, grad_clip=0.0 if task == "subject" else 1.0, warmup_steps=0))
   if task == "subject":
+    # Where the CustomCrafter paper and its authors' code differ, the code is the default (METHODS.md §6);
+    # the paper: loss_kind "l2", augment "paper", caption_dropout 0 (and scale_lr False).
     c.new_token = "<new1>"
     c.class_word = "dog"
     c.lora_rank = 4
     c.lora_targets = tasks.SUBJECT_LORA_TARGETS
     c.detach_start_token = True
-    c.loss_kind = "l2"  # the paper; the authors' code used "l1"
+    c.loss_kind = "l1"  # the authors' code (loss_type l1); the paper says "l2"
     c.prior_loss_weight = 1.0
+    c.caption_dropout = 0.2  # instance and class captions -> "" (the authors' uncond_prob)
+    c.augment = "authors"  # rescale distribution: "authors" (discrete, black canvas) | "paper" (see vcjax.data.customcrafter)
   else:
     c.train_motion = True  # "Update Motion" (the final VideoMaker model)
     c.min_snr_gamma = 5.0  # <= 0 disables Min-SNR weighting
     c.ref_loss_weight = 0.1
     c.remind_divisor = 100  # reference noised at t' = t // 100 = int(0.01 t)
     c.drop_text, c.drop_reference, c.drop_both = 0.05, 0.05, 0.05
+  # GIRL folders: each read draws a temporal window from the clip's stored frames (builders.py): frames
+  # frame_stride apart (CelebV-Text, stride 8) or, with sampling "window", evenly over `window` (VideoBooth).
   c.data = ml_collections.ConfigDict(dict(kind="folder", dir="", dataset="", num_threads=4, worker_count=0,
-                                          num_examples=8, shp="object"))
+                                          num_examples=8, shp="object", frame_stride=8, sampling="stride",
+                                          window=64))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, sequence=1, param_sharding="replicate"))
   c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=3, async_save=True))
   c.log_every = 10
