@@ -160,3 +160,70 @@ def test_fresh_motion_module_proj_out_is_zero():
     assert not np.any(np.asarray(m.proj_out.kernel.get_value())) and not np.any(np.asarray(m.proj_out.bias.get_value()))
   abstract = nnx.eval_shape(lambda: UNet3D(tiny_unet(), rngs=nnx.Rngs(0)))  # loading's path: shapes only
   assert abstract.down_blocks[0].motion_modules[0].proj_out.kernel.get_value().shape == (32, 32)
+
+
+# ------------------------------------------------------------------------------------------ video windows
+
+COLORS = {"red": (220, 20, 20), "green": (20, 220, 20), "blue": (20, 20, 220)}
+
+
+@pytest.fixture(scope="module")
+def pooled_clip(tmp_path_factory):
+  """A 40-frame clip (frame i a flat gray 5 + 6 i) with three references, prepared with a frame pool."""
+  pytest.importorskip("grain")
+  from vcjax.data import builders, pipeline
+  src = tmp_path_factory.mktemp("pool_src")
+  os.makedirs(src / "clip" / "frames")
+  for i in range(40):
+    Image.fromarray(np.full((16, 16, 3), 5 + 6 * i, np.uint8)).save(src / "clip" / "frames" / f"{i:03d}.png")
+  for stem, color in zip(("reference", "reference_1", "reference_2"), COLORS.values()):
+    Image.fromarray(np.full((20, 20, 3), color, np.uint8)).save(src / "clip" / f"{stem}.png")
+  (src / "clip" / "caption.txt").write_text("a gray clip")
+  data_dir = str(tmp_path_factory.mktemp("pool_tfds"))
+  info = builders.prepare_video_dataset(str(src), data_dir, "pooled", num_frames=4, frame_stride=3,
+                                        size=(16, 16), reference_size=16, num_workers=1)
+  return pipeline.data_source(info["dataset"], data_dir)[0]
+
+
+def _color(ref):
+  px = ref.reshape(-1, 3)
+  px = px[(px < 0.9).any(1)]  # non-white
+  return list(COLORS)[int(np.argmax(px.mean(0)))]
+
+
+def test_each_read_draws_a_window_and_a_reference(pooled_clip, tokenizer):
+  from vcjax.data.pipeline import VideoReferenceTransform
+  from vcjax.data.shp import SHPConfig
+  rec = pooled_clip
+  # the pool: 2 x 4 frames, stride 3, centred in 40 frames: 9, 12, ..., 30; three references stored
+  assert rec["frame_indices"].tolist() == list(range(9, 31, 3)) and rec["frames"].shape == (8, 16, 16, 3)
+  assert rec["more_references"].shape == (2, 16, 16, 3)
+  still = SHPConfig(cut=(0.0, 0.0), scale=(1.0, 1.0), flip_prob=0.0)
+  tf = VideoReferenceTransform(tokenizer, still, num_frames=4, frame_stride=3)
+  starts, colors = collections.Counter(), collections.Counter()
+  n = 600
+  for i in range(n):
+    out = tf(rec, np.random.default_rng([3, i]))
+    levels = (out["pixels"].reshape(4, -1).mean(1) + 1) * 127.5
+    idx = np.round((levels - 5) / 6).astype(int)
+    assert np.all(np.diff(idx) == 3) and 0 <= idx[0] and idx[-1] < 40  # the configured stride, in range
+    starts[int(idx[0])] += 1
+    colors[_color(out["reference"])] += 1
+  print(f"{n} reads of one clip: window starts {dict(sorted(starts.items()))}; references drawn {dict(colors)}")
+  assert set(starts) == {9, 12, 15, 18, 21}  # every window of 4 strided frames inside the pool
+  assert all(abs(c / n - 1 / 5) < 0.06 for c in starts.values())
+  assert set(colors) == set(COLORS) and all(abs(c / n - 1 / 3) < 0.07 for c in colors.values())
+  a, b = (tf(rec, np.random.default_rng(s))["pixels"] for s in (0, 1))
+  assert not np.array_equal(a, b)
+  # an older record (one fixed window of 4 frames, one reference, no pool fields) still reads
+  old = {k: v for k, v in rec.items() if not k.startswith("more_")}
+  old["frames"], old["frame_indices"] = rec["frames"][2:6], rec["frame_indices"][2:6]
+  for s in range(5):
+    out = tf(old, np.random.default_rng(s))
+    np.testing.assert_array_equal(out["pixels"], customcrafter.to_unit_range(old["frames"]))
+    assert _color(out["reference"]) == "red"
+  # a stride the pool does not hold (a dataset stored at another stride): 4 consecutive stored frames
+  other = VideoReferenceTransform(tokenizer, still, num_frames=4, frame_stride=5)
+  out = other(rec, np.random.default_rng(0))
+  idx = np.round(((out["pixels"].reshape(4, -1).mean(1) + 1) * 127.5 - 5) / 6).astype(int)
+  assert np.all(np.diff(idx) == 3)

@@ -105,8 +105,9 @@ def video_data(tmp_path_factory):
   os.makedirs(src / "clip_empty")
   data_dir = str(tmp_path_factory.mktemp("tfds_video"))
   # The default name: it must not clash with the builder's registered config.
+  # pool_frames=4: one fixed centre window per clip (the builder's only form before frame pools).
   info = builders.prepare_video_dataset(str(src), data_dir, num_frames=4, frame_stride=3,
-                                        size=(32, 48), reference_size=40, num_workers=2)
+                                        size=(32, 48), reference_size=40, num_workers=2, pool_frames=4)
   return {"src": src, "data_dir": data_dir, "info": info}
 
 
@@ -294,8 +295,9 @@ def _assert_batches_equal(a, b):
 
 
 def test_customcrafter_loader_batches_and_resume(subject_data, tokenizer):
+  # The paper's rescale and no caption dropout (the defaults before the authors' became them).
   kw = dict(dataset="vcjax_subject_images/dog", shard=grain.sharding.NoSharding(), size=32,
-            class_word=CLASS_WORD, placeholder=PLACEHOLDER, num_threads=2)
+            class_word=CLASS_WORD, placeholder=PLACEHOLDER, num_threads=2, rescale="paper", caption_dropout=0.0)
   it = pipeline.make_loader("customcrafter", subject_data["data_dir"], 2, 42, tokenizer, **kw)
   first = _take(it, 3)
   state = it.get_state()

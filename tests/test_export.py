@@ -6,7 +6,10 @@
   -> strict `load_state_dict` into UNetMotionModel, and a diffusers folder -> `from_pretrained`.
 """
 
+import dataclasses
 import functools
+import json
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -171,6 +174,8 @@ def test_girl_unet_export_loads_strictly_in_diffusers(case, tmp_path):
 
   # a whole diffusers folder: config.json + weights, for UNetMotionModel.from_pretrained
   export.save_unet(model, str(tmp_path / "unet"))
+  info = json.load(open(tmp_path / "unet" / export.EXPORT_INFO_NAME))
+  assert info["norm_semantics"] == "diffusers" and info["diffusers_computes_the_same"] is True
   folder = UNetMotionModel.from_pretrained(str(tmp_path / "unet")).eval()
   err_folder = rel_err(case["run_torch"](folder), got)
   print(f"UNetMotionModel.from_pretrained(exported folder): rel err {err_folder:.2e}")
@@ -184,3 +189,42 @@ def test_girl_unet_export_loads_strictly_in_diffusers(case, tmp_path):
   err_merged = rel_err(case["run_torch"](merged), case["run_vcjax"](lora))
   print(f"export with the LoRA merged vs vcjax unmerged: rel err {err_merged:.2e}")
   assert err_merged <= 1e-5
+
+
+def test_original_semantics_export_warns_records_and_differs(case, tmp_path):
+  """A GIRL-trained UNet run with `original` norm semantics (motion-module GroupNorm per frame): the export
+  warns, writes the semantics into vcjax_export.json (and the weights' metadata), and diffusers, which
+  pools that norm across frames, really computes something else; the `diffusers`-semantics twin of the
+  same weights round-trips."""
+  trained, _ = girl_update(case["unet"], seed=1)
+  cfg = dataclasses.replace(trained.config, motion_norm_across_frames=False)  # v2 original: resnets per frame
+  original = from_state_dict("unet", cfg, export.unet_state_dict(trained))
+  assert export.norm_semantics_of(original.config)[0] == "original"
+  with pytest.warns(UserWarning, match="computes differently in diffusers"):
+    export.save_unet(original, str(tmp_path / "orig"))
+  info = json.load(open(tmp_path / "orig" / export.EXPORT_INFO_NAME))
+  assert info["norm_semantics"] == "original" and info["diffusers_computes_the_same"] is False
+  assert info["norm_flags"]["motion_norm_across_frames"] is False and "note" in info
+  from vcjax.weights.lora import _safetensors_metadata
+  meta = json.loads(_safetensors_metadata(str(tmp_path / "orig" / export.UNET_WEIGHT_NAME))["vcjax_export"])
+  assert meta == info
+  torch_out = case["run_torch"](UNetMotionModel.from_pretrained(str(tmp_path / "orig")).eval())
+  err_original = rel_err(torch_out, case["run_vcjax"](original))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # diffusers semantics: no warning
+    export.save_unet(trained, str(tmp_path / "diff"))
+  err_diffusers = rel_err(case["run_torch"](UNetMotionModel.from_pretrained(str(tmp_path / "diff")).eval()),
+                          case["run_vcjax"](trained))
+  print(f"exported UNet in diffusers vs vcjax: original semantics rel err {err_original:.3e} (differs), "
+        f"diffusers semantics {err_diffusers:.2e}")
+  assert err_original > 1e-3 and err_diffusers <= 1e-5
+
+
+def test_loaded_weights_override_zero_proj_out(case, random_pipeline):
+  """A freshly built motion module has proj_out = 0 (AnimateDiff's init); loading a checkpoint replaces it."""
+  unet = case["unet"]
+  sd = read_state_dict(f"{random_pipeline['motion_diffusers']}/diffusion_pytorch_model.safetensors")
+  k = unet.down_blocks[0].motion_modules[0].proj_out.kernel.get_value()
+  want = sd["down_blocks.0.motion_modules.0.proj_out.weight"]
+  assert float(np.abs(want).max()) > 0
+  np.testing.assert_array_equal(np.asarray(k), np.asarray(want).T)

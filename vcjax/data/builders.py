@@ -23,14 +23,24 @@ VIDEO CLIPS (`prepare_video_dataset`, tfds name `vcjax_video_clips/<name>`; Cele
   src_dir/<clip_id>/video.mp4             the clip (any one file with a video extension), OR
   src_dir/<clip_id>/frames/*.jpg|png      its frames, in name order (zero-padded numbers)
   src_dir/<clip_id>/reference.png|jpg     optional reference image; default: the first stored frame
-  src_dir/<clip_id>/mask.png              optional subject mask OF THE REFERENCE (same aspect ratio)
+  src_dir/<clip_id>/reference_<k>.png|jpg optional further references (several preprocessed frames of the
+                                          subject; one is drawn each time the clip is read)
+  src_dir/<clip_id>/mask.png, mask_<k>.png optional subject mask OF EACH REFERENCE (same aspect ratio)
   src_dir/<clip_id>/caption.txt           caption; several lines = several captions (one is drawn per use)
-  Stored record: frames `(F, H, W, 3)` uint8, F frames (num_frames) sampled with `frame_stride` from
-  the clip's center (sampling="stride"; the stride shrinks, down to 1, for short clips) or evenly over
-  a `window`-frame window at the center (sampling="window"), each resized to cover (H, W) and
-  center-cropped; reference `(R, R, 3)` uint8 (longer side R, white square padding) + reference_mask
-  `(R, R)` + reference_box, as for subject images; frame_indices `(F,)` int32; caption; clip_id.
-  Clips with fewer than F frames are skipped and counted ("too_short").
+  Stored record: frames `(P, H, W, 3)` uint8, a POOL of P frames from which every read draws its own
+  temporal window (vcjax.data.pipeline.VideoReferenceTransform): for sampling="stride" every
+  `frame_stride`-th frame, for sampling="window" every frame, over the clip's center, at most
+  `pool_frames` of them (0: twice what one window spans: 2 x num_frames strided frames, or 2 x window
+  frames); each resized to cover (H, W) and center-cropped; frame_indices `(P,)` int32 (positions in the
+  clip). 0 < pool_frames <= num_frames, or a clip too short for a pool, stores one fixed window of F =
+  num_frames frames (version 1.0.0's only form): `frame_stride` apart from the clip's center (the stride
+  shrinks, down to 1, for short clips) or evenly over a centered `window`-frame window. Reference
+  `(R, R, 3)` uint8 (longer side R, white square padding) + reference_mask `(R, R)` + reference_box +
+  has_mask, as for subject images, hold the first reference; the others (up to max_references in all) are
+  more_references `(K, R, R, 3)`, more_reference_masks `(K, R, R)`, more_reference_boxes `(K, 4)`,
+  more_has_mask `(K,)` (K may be 0); caption; clip_id. Clips with fewer than num_frames frames are
+  skipped and counted ("too_short"). Datasets prepared by version 1.0.0 (a fixed window, one reference)
+  still load and train.
 
 IN-MEMORY EXAMPLES (`examples=` of `prepare_*`, e.g. the procedural world in vcjax/world): items given as
 dicts instead of files, processed exactly like a file's decoded contents (resizing, frame sampling, square
@@ -240,6 +250,8 @@ class VideoClipsConfig(tfds.core.BuilderConfig):
   num_workers: int = 4  # Clips decoded in parallel threads (ffmpeg runs as a subprocess).
   with_tracks: bool = False  # Also store per-frame subject masks and boxes (in-memory examples only).
   encoding: str = "none"  # Of frames, reference, masks: "none" | "bytes" | "zlib" (module doc).
+  pool_frames: int = 0  # Frames stored per clip (module doc); 0: auto; <= num_frames: one fixed window.
+  max_references: int = 8
 
 
 def sample_frame_indices(length: int, num_frames: int, *, sampling: str = "stride", stride: int = 8,
@@ -265,6 +277,41 @@ def sample_frame_indices(length: int, num_frames: int, *, sampling: str = "strid
   raise ValueError(f"unknown sampling {sampling!r}: 'stride' or 'window'")
 
 
+def pool_frame_indices(length: int, num_frames: int, *, sampling: str = "stride", stride: int = 8,
+                       window: int = 64, pool_frames: int = 0) -> np.ndarray:
+  """Indices of the frames a clip of `length` frames stores (the module doc's pool), centered.
+
+  0 < pool_frames <= num_frames: `sample_frame_indices` (one fixed window). Otherwise up to pool_frames
+  frames (0: 2 x num_frames for "stride", 2 x window for "window") spaced `stride` ("stride") or 1
+  ("window") apart, so that each window the reader draws lies on stored frames; a clip too short for one
+  full-stride window keeps the fixed window with a shrunk stride.
+  """
+  if sampling not in ("stride", "window"):
+    raise ValueError(f"unknown sampling {sampling!r}: 'stride' or 'window'")
+  fixed = sample_frame_indices(length, num_frames, sampling=sampling, stride=stride, window=window)
+  if 0 < pool_frames <= num_frames:
+    return fixed
+  step = max(1, stride) if sampling == "stride" else 1
+  n = min(pool_frames or 2 * (num_frames if sampling == "stride" else window), (length - 1) // step + 1)
+  if n < (num_frames if sampling == "stride" else min(window, length)):
+    return fixed
+  return sample_frame_indices(length, n, sampling="stride", stride=step)
+
+
+def _reference_files(folder: str, limit: int) -> list[tuple[str, str | None]]:
+  """[(reference image, its mask or None)] of a clip folder: reference.*, then reference_<k>.* in name
+  order; the mask of reference<suffix> is mask<suffix>."""
+  exts = {e.lower() for e in media.IMAGE_EXTENSIONS}
+  stems = {os.path.splitext(f)[0] for f in os.listdir(folder) if os.path.splitext(f)[1].lower() in exts}
+  stems = sorted((st for st in stems if re.fullmatch(r"reference(_.+)?", st)), key=lambda st: (st != "reference", st))
+  out = []
+  for stem in stems[:max(1, limit)]:
+    path = _find(folder, stem, media.IMAGE_EXTENSIONS)
+    if path:
+      out.append((path, _find(folder, "mask" + stem[len("reference"):], media.IMAGE_EXTENSIONS)))
+  return out
+
+
 def _clip_source(folder: str) -> str:
   """The video file or frames folder of a clip folder."""
   frames = os.path.join(folder, "frames")
@@ -280,7 +327,8 @@ class VcjaxVideoClips(tfds.core.GeneratorBasedBuilder):
   """Video clips + reference image + subject mask + caption. See the module docstring."""
 
   code_path = None  # As in VcjaxSubjectImages.
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.1.0": "A frame pool per clip (each read draws a window); several references per clip."}
   MANUAL_DOWNLOAD_INSTRUCTIONS = __doc__
   BUILDER_CONFIGS = [VideoClipsConfig(name="registered_default")]  # a name users will not pick
 
@@ -288,18 +336,22 @@ class VcjaxVideoClips(tfds.core.GeneratorBasedBuilder):
     c = self.builder_config
     r = c.reference_size
     features = {
-        "frames": _pixels((c.num_frames, c.height, c.width, 3), c.encoding),
-        "frame_indices": tfds.features.Tensor(shape=(c.num_frames,), dtype=np.int32),
+        "frames": _pixels((None, c.height, c.width, 3), c.encoding),  # the pool: its length varies per clip
+        "frame_indices": tfds.features.Tensor(shape=(None,), dtype=np.int32),
         "reference": _pixels((r, r, 3), c.encoding),
         "reference_mask": _pixels((r, r), c.encoding),
         "reference_box": tfds.features.Tensor(shape=(4,), dtype=np.int32),
         "has_mask": tfds.features.Scalar(dtype=np.bool_),
+        "more_references": _pixels((None, r, r, 3), c.encoding),
+        "more_reference_masks": _pixels((None, r, r), c.encoding),
+        "more_reference_boxes": tfds.features.Tensor(shape=(None, 4), dtype=np.int32),
+        "more_has_mask": tfds.features.Tensor(shape=(None,), dtype=np.bool_),
         "caption": tfds.features.Text(),
         "clip_id": tfds.features.Text(),
     }
     if c.with_tracks:
-      features["masks"] = _pixels((c.num_frames, c.height, c.width), c.encoding)
-      features["boxes"] = tfds.features.Tensor(shape=(c.num_frames, 4), dtype=np.int32)
+      features["masks"] = _pixels((None, c.height, c.width), c.encoding)
+      features["boxes"] = tfds.features.Tensor(shape=(None, 4), dtype=np.int32)
     return tfds.core.DatasetInfo(
         builder=self, description="Video clips with a white-padded reference image and its subject mask.",
         features=tfds.features.FeaturesDict(features), metadata=tfds.core.MetadataDict())
@@ -337,29 +389,44 @@ class VcjaxVideoClips(tfds.core.GeneratorBasedBuilder):
     length = _read("video", media.video_length, source)
     if length < c.num_frames:
       raise _Skip("too_short", f"clip has {length} frames, needs {c.num_frames}")
-    indices = sample_frame_indices(length, c.num_frames, sampling=c.sampling, stride=c.frame_stride,
-                                   window=c.window)
+    indices = self._indices(length)
     raw = _read("video", media.read_video_frames, source, indices)
 
-    ref_path = _find(folder, "reference", media.IMAGE_EXTENSIONS)
-    if ref_path:
-      reference = _read("reference", media.read_image, ref_path)
-    else:
-      reference = raw[0]
-    mask = None
-    mask_path = _find(folder, "mask", media.IMAGE_EXTENSIONS)
-    if mask_path:
-      mask = _read("mask", lambda: _fit_mask(media.read_mask(mask_path), reference.shape[:2], mask_path))
-    return self._record(raw, indices, reference, mask,
-                        captions.read_caption_file(os.path.join(folder, "caption.txt")), clip_id)
+    files = _reference_files(folder, c.max_references)
+    if not files:  # no reference image: the first stored frame, with the clip's mask.png if any
+      files = [(None, _find(folder, "mask", media.IMAGE_EXTENSIONS))]
+    refs = []
+    for ref_path, mask_path in files:
+      reference = _read("reference", media.read_image, ref_path) if ref_path else raw[0]
+      mask = None
+      if mask_path:
+        mask = _read("mask", lambda: _fit_mask(media.read_mask(mask_path), reference.shape[:2], mask_path))
+      refs.append((reference, mask))
+    return self._record(raw, indices, refs, captions.read_caption_file(os.path.join(folder, "caption.txt")),
+                        clip_id)
 
-  def _record(self, raw, indices, reference, mask, caption, clip_id):
-    """Sampled frames (resized to cover (H, W)) + reference (+ its mask) -> the stored record."""
+  def _indices(self, length: int) -> np.ndarray:
+    c = self.builder_config
+    return pool_frame_indices(length, c.num_frames, sampling=c.sampling, stride=c.frame_stride, window=c.window,
+                              pool_frames=c.pool_frames).astype(np.int32)
+
+  def _record(self, raw, indices, refs, caption, clip_id):
+    """Stored frames (resized to cover (H, W)) + [(reference, its mask or None)] -> the stored record."""
     c = self.builder_config
     frames = np.stack([media.resize_cover(f, (c.height, c.width)) for f in raw])
-    ref = _square_record(reference, mask, c.reference_size)
-    return {"frames": frames, "frame_indices": indices, "reference": ref["image"],
-            "reference_mask": ref["mask"], "reference_box": ref["box"], "has_mask": ref["has_mask"],
+    squares = [_square_record(image, mask, c.reference_size) for image, mask in refs]
+    first, more = squares[0], squares[1:]
+    r = c.reference_size
+
+    def stack(key, shape, dtype):
+      return np.stack([m[key] for m in more]).astype(dtype) if more else np.zeros((0,) + shape, dtype)
+
+    return {"frames": frames, "frame_indices": indices, "reference": first["image"],
+            "reference_mask": first["mask"], "reference_box": first["box"], "has_mask": first["has_mask"],
+            "more_references": stack("image", (r, r, 3), np.uint8),
+            "more_reference_masks": stack("mask", (r, r), np.uint8),
+            "more_reference_boxes": stack("box", (4,), np.int32),
+            "more_has_mask": np.asarray([m["has_mask"] for m in more], np.bool_),
             "caption": caption, "clip_id": clip_id}
 
   def _generate_memory(self, items):
@@ -370,15 +437,14 @@ class VcjaxVideoClips(tfds.core.GeneratorBasedBuilder):
       if len(frames) < c.num_frames:
         stats.skip(clip_id, "too_short", f"clip has {len(frames)} frames, needs {c.num_frames}")
         continue
-      indices = sample_frame_indices(len(frames), c.num_frames, sampling=c.sampling, stride=c.frame_stride,
-                                     window=c.window)
+      indices = self._indices(len(frames))
       raw = frames[indices]
       reference = item.get("reference")
       reference = raw[0] if reference is None else np.asarray(reference, np.uint8)
       mask = item.get("mask")
       if mask is not None:
         mask = _fit_mask(_mask_u8(mask), reference.shape[:2], clip_id)
-      rec = self._record(raw, indices, reference, mask, item.get("caption", ""), clip_id)
+      rec = self._record(raw, indices, [(reference, mask)], item.get("caption", ""), clip_id)
       if c.with_tracks:
         tracks = np.asarray(item["masks"])[indices]
         masks = np.stack([_cover_mask(_mask_u8(m), (c.height, c.width)) for m in tracks])
@@ -453,13 +519,15 @@ def prepare_video_dataset(src_dir: str | None, data_dir: str, name: str = "video
                           frame_stride: int = 8, sampling: str = "stride", window: int = 64,
                           size: tuple[int, int] = (512, 512), reference_size: int = 512, num_workers: int = 4,
                           overwrite: bool = False, examples=None, with_tracks: bool = False,
-                          encoding: str = "none") -> dict:
+                          encoding: str = "none", pool_frames: int = 0, max_references: int = 8) -> dict:
   """Build `vcjax_video_clips/<name>` in `data_dir` from a clip folder (layout: module doc), or from an
   iterable of in-memory `examples` (module doc; then src_dir is None; with_tracks stores their per-frame
   masks and boxes).
 
   VideoMaker presets: CelebV-Text = num_frames 16, frame_stride 8 (sampling "stride"); VideoBooth =
-  16 frames evenly over a 64-frame window (sampling "window"). Returns the same dict as
+  16 frames evenly over a 64-frame window (sampling "window"). pool_frames: frames stored per clip (0:
+  auto; <= num_frames: one fixed window); train with the same sampling / frame_stride / window
+  (config.data.*) and each read draws its own window from them. Returns the same dict as
   `prepare_subject_dataset`.
   """
   _check_name(name)
@@ -469,6 +537,7 @@ def prepare_video_dataset(src_dir: str | None, data_dir: str, name: str = "video
     raise ValueError("with_tracks needs in-memory examples (clip folders carry no per-frame masks)")
   config = VideoClipsConfig(name=name, num_frames=num_frames, frame_stride=frame_stride, sampling=sampling,
                             window=window, height=size[0], width=size[1], reference_size=reference_size,
-                            num_workers=num_workers, with_tracks=with_tracks, encoding=encoding)
+                            num_workers=num_workers, with_tracks=with_tracks, encoding=encoding,
+                            pool_frames=pool_frames, max_references=max_references)
   builder = VcjaxVideoClips(config=config, data_dir=data_dir, file_format="array_record")
   return _prepare(builder, src_dir, overwrite, examples)

@@ -3,11 +3,11 @@ random transforms, batching, and iterators whose position can be saved and resto
 
 Batches (numpy dicts):
   "customcrafter" (subject images -> static clips, METHODS.md §4)
-    pixels (B, F, H, W, 3) float32 [-1, 1]; mask (B, F, H, W, 1) float32 loss mask; input_ids (B, 77) int32;
+    pixels (B, F, H, W, 3) float32 [-1, 1]; mask (B, F, H, W, 1) float32 loss mask; input_ids (B, T) int32 (T: the tokenizer's model_max_length);
     caption (B,) str; is_prior (B,) bool (prior-preservation class images, when the dataset has a "prior"
     split and with_prior; subject and class records then alternate, so an even B holds half of each).
   "videomaker" (video clips + SHP reference, METHODS.md §3)
-    pixels (B, F, H, W, 3) float32 [-1, 1]; mask (B, F, H, W, 1) float32 (ones); input_ids (B, 77) int32;
+    pixels (B, F, H, W, 3) float32 [-1, 1]; mask (B, F, H, W, 1) float32 (ones); input_ids (B, T) int32 (T: the tokenizer's model_max_length);
     caption (B,) str; reference (B, H, W, 3) float32 [-1, 1] (SHP output, white background, letterboxed to
     (H, W) if not square).
 Drop the "caption" strings before putting a batch on devices.
@@ -29,7 +29,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from vcjax.data import builders, captions
-from vcjax.data.customcrafter import RescaleConfig, rescale_augment, static_clip, to_unit_range
+from vcjax.data.customcrafter import (AUTHORS_RESCALE, RESCALE_PRESETS, RescaleConfig, rescale_augment,
+                                      static_clip, to_unit_range)
 from vcjax.data.shp import SHP_PRESETS, SHPConfig, letterbox, subject_highlight
 from vcjax.models.tokenizer import load_tokenizer, tokenize
 
@@ -37,7 +38,7 @@ KINDS = {"customcrafter": builders.SUBJECT_DATASET, "subject": builders.SUBJECT_
          "videomaker": builders.VIDEO_DATASET, "video": builders.VIDEO_DATASET}
 
 
-def _ids(tokenizer, caption: str, max_length: int) -> np.ndarray:
+def _ids(tokenizer, caption: str, max_length: int | None) -> np.ndarray:
   return tokenize(tokenizer, [caption], max_length)[0]
 
 
@@ -49,7 +50,10 @@ class SubjectClipTransform:
 
   Subject captions: a random template filled with "<placeholder> <class_word>" (the image's own caption
   file is ignored unless use_captions). Class images: their caption, else `class_prompt` (default: the
-  class word). Prior images get only the flip unless augment_prior.
+  class word). Prior images get only the flip (none with the authors' rescale, flip_prior False) unless
+  augment_prior. caption_dropout: probability that a caption (subject or class) is replaced by "" (the
+  authors' uncond_prob 0.2, so the LoRA also learns the unconditional branch used by CFG).
+  rescale: a RescaleConfig or a preset name ("authors", "paper").
   """
   tokenizer: Any
   size: int = 512
@@ -58,11 +62,12 @@ class SubjectClipTransform:
   class_word: str = ""
   class_prompt: str | None = None
   templates: Sequence[str] = captions.VIDEO_TEMPLATES
-  rescale: RescaleConfig = RescaleConfig()
+  rescale: RescaleConfig | str = AUTHORS_RESCALE
+  caption_dropout: float = 0.2
   is_prior: bool = False
   augment_prior: bool = False
   use_captions: bool = False
-  max_length: int = 77
+  max_length: int | None = None  # None: the tokenizer's model_max_length
 
   def __call__(self, record: dict, rng: np.random.Generator) -> dict:
     image = record["image"]
@@ -70,7 +75,10 @@ class SubjectClipTransform:
     valid = np.zeros(image.shape[:2], dtype=bool)
     valid[y0:y1, x0:x1] = True
     augment = self.augment_prior or not self.is_prior
-    pixels, mask, prefix, _, _ = rescale_augment(image, valid, rng, self.size, self.rescale, augment=augment)
+    rescale = RESCALE_PRESETS[self.rescale] if isinstance(self.rescale, str) else self.rescale
+    flip = rescale.flip_prior or not self.is_prior
+    pixels, mask, prefix, _, _ = rescale_augment(image, valid, rng, self.size, rescale, augment=augment,
+                                                 flip=flip)
     stored = captions.decode_text(record["caption"])
     if self.is_prior:
       caption = stored or self.class_prompt or self.class_word
@@ -80,30 +88,85 @@ class SubjectClipTransform:
       caption = captions.template_caption(rng, captions.subject_phrase(self.placeholder, self.class_word),
                                           self.templates)
     caption = captions.with_prefix(prefix, caption)
+    if rng.random() < self.caption_dropout:  # drawn for every record: the stream does not depend on p
+      caption = ""
     clip, clip_mask = static_clip(pixels, mask, self.num_frames)
     return {"pixels": clip, "mask": clip_mask, "input_ids": _ids(self.tokenizer, caption, self.max_length),
             "caption": np.asarray(caption), "is_prior": np.asarray(self.is_prior)}
 
 
+def window_positions(indices: np.ndarray, num_frames: int, rng: np.random.Generator, *, sampling: str = "stride",
+                     stride: int = 8, window: int = 64) -> np.ndarray:
+  """A random temporal window over a clip's stored frames: positions `(F,)` into `indices` (the stored
+  frames' clip positions, increasing), F = num_frames.
+
+  "stride": clip frames s, s + stride, ...; "window": F frames evenly over `window` clip frames (fewer if
+  the stored span is shorter). The start is uniform over every start whose frames are all stored. When
+  none is (a dataset stored at another stride, a clip too short for the stride), F consecutive stored
+  frames at a random start. Always draws one number from `rng`.
+  """
+  n = len(indices)
+  if n < num_frames:
+    raise ValueError(f"the clip stores {n} frames, {num_frames} wanted")
+  if sampling == "stride":
+    offsets = stride * np.arange(num_frames)
+  elif sampling == "window":
+    w = min(window, int(indices[-1] - indices[0]) + 1)
+    offsets = np.round(np.linspace(0, w - 1, num_frames)).astype(np.int64)
+  else:
+    raise ValueError(f"unknown sampling {sampling!r}: 'stride' or 'window'")
+  where = {int(v): i for i, v in enumerate(indices)}
+  starts = [p for p in range(n) if all(int(indices[p]) + int(o) in where for o in offsets)]
+  u = float(rng.random())
+  if starts:
+    first = int(indices[starts[min(int(u * len(starts)), len(starts) - 1)]])
+    return np.asarray([where[first + int(o)] for o in offsets], np.int64)
+  start = min(int(u * (n - num_frames + 1)), n - num_frames)
+  return np.arange(start, start + num_frames)
+
+
 @dataclasses.dataclass
 class VideoReferenceTransform:
-  """A video-clip record -> one VideoMaker (GIRL) training example: frames in [-1, 1], a loss mask of ones,
-  a random caption line, and the SHP reference (mask -> white, box crop with cut, square, affine, flip)
-  letterboxed to the frame size. Without a stored mask SHP uses the whole reference image."""
+  """A video-clip record -> one VideoMaker (GIRL) training example: a random temporal window of frames in
+  [-1, 1] (`window_positions` over the stored pool; num_frames None = every stored frame), a loss mask of
+  ones, a random caption line, and the SHP reference (mask -> white, box crop with cut, square, affine,
+  flip) of one of the clip's stored references drawn at random, letterboxed to the frame size. Without a
+  stored mask SHP uses the whole reference image. Records of version-1.0.0 datasets (one reference, a
+  fixed window) work unchanged."""
   tokenizer: Any
   shp: SHPConfig = SHPConfig()
-  max_length: int = 77
+  max_length: int | None = None  # None: the tokenizer's model_max_length
+  num_frames: int | None = None
+  frame_stride: int = 8
+  sampling: str = "stride"
+  window: int = 64
 
   def __call__(self, record: dict, rng: np.random.Generator) -> dict:
     frames = record["frames"]
+    if self.num_frames is not None:
+      indices = record.get("frame_indices")
+      indices = np.arange(len(frames)) if indices is None else np.asarray(indices)
+      frames = frames[window_positions(indices, self.num_frames, rng, sampling=self.sampling,
+                                       stride=self.frame_stride, window=self.window)]
     f, h, w, _ = frames.shape
-    mask = record["reference_mask"] if bool(record["has_mask"]) else None
-    ref, _ = subject_highlight(record["reference"], mask, rng, min(h, w), self.shp,
-                               valid_box=record["reference_box"])
+    image, mask, box = _draw_reference(record, rng)
+    ref, _ = subject_highlight(image, mask, rng, min(h, w), self.shp, valid_box=box)
     caption = captions.pick_line(rng, captions.decode_text(record["caption"]))
     return {"pixels": to_unit_range(frames), "mask": np.ones((f, h, w, 1), np.float32),
             "input_ids": _ids(self.tokenizer, caption, self.max_length), "caption": np.asarray(caption),
             "reference": to_unit_range(letterbox(ref, (h, w)))}
+
+
+def _draw_reference(record: dict, rng: np.random.Generator):
+  """(image, mask or None, box) of one of the record's references, uniformly (one rng draw always)."""
+  more = record.get("more_references")
+  k = int(rng.integers(1 + (0 if more is None else len(more))))
+  if k == 0:
+    return (record["reference"], record["reference_mask"] if bool(record["has_mask"]) else None,
+            record["reference_box"])
+  k -= 1
+  mask = record["more_reference_masks"][k] if bool(record["more_has_mask"][k]) else None
+  return more[k], mask, record["more_reference_boxes"][k]
 
 
 # ------------------------------------------------------------------------------------------ datasets
@@ -162,12 +225,17 @@ def build_subject_dataset(data_dir: str, batch_size: int, seed: int, tokenizer, 
 def build_video_dataset(data_dir: str, batch_size: int, seed: int, tokenizer, *,
                         dataset: str = f"{builders.VIDEO_DATASET}/videos", split: str = "train",
                         shp: SHPConfig | str = "object", shard: grain.sharding.ShardOptions | None = None,
-                        num_epochs: int | None = None, max_length: int = 77) -> grain.MapDataset:
-  """VideoMaker (GIRL) batches as a grain MapDataset. shp: an SHPConfig or a preset ("object", "human")."""
+                        num_epochs: int | None = None, max_length: int | None = None,
+                        num_frames: int | None = None, frame_stride: int = 8, sampling: str = "stride",
+                        window: int = 64) -> grain.MapDataset:
+  """VideoMaker (GIRL) batches as a grain MapDataset. shp: an SHPConfig or a preset ("object", "human").
+  num_frames / frame_stride / sampling / window: the temporal window each read draws from the stored
+  frames (VideoReferenceTransform; num_frames None: every stored frame)."""
   shard = shard or default_shard()
   shp = SHP_PRESETS[shp] if isinstance(shp, str) else shp
   ds = sharded_records(data_source(dataset, data_dir, split), seed, shard, num_epochs)
-  ds = ds.random_map(VideoReferenceTransform(tokenizer, shp, max_length),
+  ds = ds.random_map(VideoReferenceTransform(tokenizer, shp, max_length, num_frames, frame_stride, sampling,
+                                             window),
                      seed=_seed(seed, 0, 1, shard.shard_index))
   return ds.batch(batch_size, drop_remainder=True)
 

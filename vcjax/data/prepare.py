@@ -25,6 +25,9 @@ def main(argv=None) -> int:
   p.add_argument("--stride", type=int, default=8, help="frame stride (CelebV-Text-like)")
   p.add_argument("--window", type=int, default=0, help="if > 0: frames evenly over this window (VideoBooth)")
   p.add_argument("--size", type=int, default=512, help="video frame side")
+  p.add_argument("--pool-frames", type=int, default=0,
+                 help="frames stored per clip, each read draws its window from them (0: auto; <= --frames: "
+                      "one fixed window)")
   p.add_argument("--overwrite", action="store_true")
   args = p.parse_args(argv)
   from vcjax.data import builders
@@ -36,7 +39,8 @@ def main(argv=None) -> int:
       info = builders.prepare_video_dataset(
           args.src, args.data_dir, args.name or "videos", num_frames=args.frames, frame_stride=args.stride,
           sampling="window" if args.window else "stride", window=args.window or 64,
-          size=(args.size, args.size), reference_size=args.image_size, overwrite=args.overwrite)
+          size=(args.size, args.size), reference_size=args.image_size, pool_frames=args.pool_frames,
+          overwrite=args.overwrite)
   except (ValueError, OSError) as e:
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     return 1

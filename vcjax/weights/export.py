@@ -6,6 +6,7 @@
     save_lora(unet, "x.safetensors")    # vcjax's own: <vcjax path>.lora_down (in, r) / .lora_up (r, out)
     read_vcjax_lora("x.safetensors")    # -> {diffusers module name: LoRAWeight}, as read_lora(...)["unet"]
     save_unet(unet, "out/")             # out/config.json + diffusion_pytorch_model.safetensors (UNetMotionModel)
+                                        #   + vcjax_export.json (norm semantics; a warning if not diffusers')
 
 LoRA exports fold each layer's current run-time LoRAScale into `up` (so a LoRA trained at scale 1 exports
 as trained) and write alpha = rank, i.e. scale 1 in every reader. A LoRA on a SpatialTransformer's
@@ -17,8 +18,10 @@ proj_in/proj_out is written as a 1x1-conv LoRA when the PyTorch model has convol
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+import warnings
 from collections import Counter
 from typing import Any, Mapping
 
@@ -32,6 +35,8 @@ from vcjax.weights.lora import LoRAWeight
 
 PEFT_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes
 UNET_WEIGHT_NAME = "diffusion_pytorch_model.safetensors"
+EXPORT_INFO_NAME = "vcjax_export.json"  # beside config.json: what the export does not carry over
+log = logging.getLogger(__name__)
 VCJAX_LORA_FORMAT = "vcjax-lora"
 # SpatialTransformer proj_in/proj_out: 1x1 convs in PyTorch unless use_linear_projection.
 _SPATIAL_PROJ = re.compile(r"(^|\.)attentions\.\d+\.proj_(in|out)$")
@@ -259,17 +264,66 @@ def diffusers_unet_config(config) -> dict[str, Any]:
               temporal_transformer_layers_per_block=config.motion_layers, **common)
 
 
+_NORM_FLAGS = ("resnet_norm_across_frames", "out_norm_across_frames", "motion_norm_across_frames")
+# diffusers' UNetMotionModel: 2-D norms per frame, the motion module's GroupNorm across frames.
+_DIFFUSERS_NORMS = {"resnet_norm_across_frames": False, "out_norm_across_frames": False,
+                    "motion_norm_across_frames": True}
+
+
+def norm_semantics_of(config) -> tuple[str, dict[str, bool]]:
+  """("diffusers" | "original" | "custom", the three *_norm_across_frames flags) of a UNet3DConfig.
+  "original" = the AnimateDiff repo's (motion-module norm per frame, the resnets either way by version)."""
+  flags = {k: bool(getattr(config, k)) for k in _NORM_FLAGS}
+  if flags == _DIFFUSERS_NORMS:
+    return "diffusers", flags
+  same_2d = flags["resnet_norm_across_frames"] == flags["out_norm_across_frames"]
+  return ("original" if same_2d and not flags["motion_norm_across_frames"] else "custom"), flags
+
+
+def export_info(config, *, merge_lora: bool) -> dict[str, Any]:
+  """What `save_unet` writes to vcjax_export.json: the norm semantics the weights were run with in vcjax,
+  whether diffusers computes the same (it always uses its own), and the merged-LoRA flag."""
+  name, flags = norm_semantics_of(config)
+  info = {"exported_by": "vcjax", "diffusers_class": "UNetMotionModel" if config.use_motion_modules
+          else "UNet2DConditionModel", "norm_semantics": name, "norm_flags": flags,
+          "diffusers_norm_flags": dict(_DIFFUSERS_NORMS), "merge_lora": bool(merge_lora)}
+  plain_2d = not config.use_motion_modules and not (flags["resnet_norm_across_frames"]
+                                                    or flags["out_norm_across_frames"])
+  info["diffusers_computes_the_same"] = name == "diffusers" or plain_2d
+  if not info["diffusers_computes_the_same"]:
+    info["note"] = ("diffusers' UNetMotionModel pools the motion-module GroupNorm across frames and normalises "
+                    "resnet norms per frame; these weights ran with other statistics in vcjax (GroupNorm sites "
+                    f"{flags}), so the exported model computes differently in diffusers. Load the folder in "
+                    "vcjax with the flags above to reproduce the trained model.")
+  return info
+
+
 def save_unet(model: nnx.Module, path: str, *, merge_lora: bool = False) -> str:
-  """Write the UNet as a diffusers model folder (config.json + diffusion_pytorch_model.safetensors;
-  `UNetMotionModel.from_pretrained(path)`), or, for a *.safetensors path, just the weights. Returns the
-  weights file. Note the norm semantics: diffusers' UNetMotionModel behaves like vcjax's `diffusers`
-  semantics; a model run with `original` semantics computes differently there."""
+  """Write the UNet as a diffusers model folder (config.json + diffusion_pytorch_model.safetensors +
+  vcjax_export.json; `UNetMotionModel.from_pretrained(path)`), or, for a *.safetensors path, just the
+  weights (the semantics then go into the safetensors metadata, key "vcjax_export"). Returns the weights
+  file. Norm semantics: diffusers' UNetMotionModel behaves like vcjax's `diffusers` semantics; a model run
+  with other GroupNorm statistics (e.g. `original`: motion-module norm per frame) computes differently
+  there, so that export logs a warning and records it (`export_info`)."""
   sd = unet_state_dict(model, merge_lora=merge_lora)
+  config = _config(model)
+  info = export_info(config, merge_lora=merge_lora) if config is not None else None
+  if info is not None and not info["diffusers_computes_the_same"]:
+    msg = (f"export to {path}: the UNet runs with {info['norm_semantics']!r} norm semantics "
+           f"({info['norm_flags']}); diffusers' UNetMotionModel uses its own ({info['diffusers_norm_flags']}), so "
+           "the exported model computes differently in diffusers (recorded in the export's info)")
+    log.warning(msg)
+    warnings.warn(msg, stacklevel=2)
   file = _weights_file(path, UNET_WEIGHT_NAME)
-  sources.save_safetensors(sd, file, metadata={"format": "pt"})
-  if not os.fspath(path).endswith(".safetensors") and _config(model) is not None:
+  meta = {"format": "pt"}
+  if info is not None:
+    meta["vcjax_export"] = json.dumps(info, sort_keys=True)
+  sources.save_safetensors(sd, file, metadata=meta)
+  if not os.fspath(path).endswith(".safetensors") and config is not None:
     with open(os.path.join(path, "config.json"), "w") as f:
-      json.dump(diffusers_unet_config(model.config), f, indent=2)
+      json.dump(diffusers_unet_config(config), f, indent=2)
+    with open(os.path.join(path, EXPORT_INFO_NAME), "w") as f:
+      json.dump(info, f, indent=2)
   return file
 
 
