@@ -1,7 +1,8 @@
 """Batched, compiled, device-parallel feature extraction for the evaluation models.
 
 `Runner(model).map(fn, *arrays)` applies `fn(model, *batch)` to fixed-size batches of the leading axis:
-rows are padded up to a whole batch (so one compile serves every call of a shape), the batch is split
+rows are padded up to a whole batch (so one compile serves every call of a shape; a set smaller than a
+batch runs as the smallest whole number of rows per device), the batch is split
 over every local device on a 1-D "data" mesh, the weights are replicated, and the program is compiled
 through `vcjax.compiler.jit`.
 """
@@ -31,6 +32,7 @@ class Runner:
   def __init__(self, model: nnx.Module, *, batch_per_device: int = 8, devices=None):
     devices = list(devices if devices is not None else jax.local_devices())
     self.mesh = jax.sharding.Mesh(np.array(devices), ("data",))
+    self.devices = len(devices)
     self.batch = batch_per_device * len(devices)
     graphdef, state = nnx.split(model)
     self.graphdef = graphdef
@@ -42,11 +44,13 @@ class Runner:
     n = len(arrays[0])
     if n == 0:
       raise ValueError("nothing to run")
+    # A set smaller than one batch runs as a smaller one (a whole number of rows per device).
+    batch = min(self.batch, -(-n // self.devices) * self.devices)
     out = []
-    for start in range(0, n, self.batch):
-      chunk = [np.asarray(a[start:start + self.batch]) for a in arrays]
+    for start in range(0, n, batch):
+      chunk = [np.asarray(a[start:start + batch]) for a in arrays]
       rows = len(chunk[0])
-      pad = self.batch - rows
+      pad = batch - rows
       if pad:  # repeat the last row: padded rows are computed and dropped
         chunk = [np.concatenate([c, np.repeat(c[-1:], pad, axis=0)]) for c in chunk]
       placed = [jax.device_put(c, self._rows) for c in chunk]

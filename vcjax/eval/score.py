@@ -16,6 +16,7 @@ import numpy as np
 
 from vcjax.eval import engine, metrics, preprocess
 from vcjax.eval.inputs import InputError, Video, load_video, read_reference
+from vcjax.models import raft as raft_lib
 
 METRICS = ("clip_t", "clip_i", "dino_i", "t_cons", "dd")
 _ROW_ORDER = ("path", "clip_t", "clip_i", "dino_i", "t_cons", "dd_moving", "flow_top5")
@@ -117,7 +118,17 @@ class Scorer:
           rows[k]["dino_i"] = metrics.image_similarity(
               f, ref_feats[[ref_index[r] for r in videos[k].references]])
     if self.raft is not None:
-      for k, (v, scores) in enumerate(zip(videos, self._flow_scores(videos))):
+      dd_videos = []
+      for k, v in enumerate(videos):
+        h, w = v.frames.shape[1:3]
+        if min(h + (-h % 8), w + (-w % 8)) < raft_lib.MIN_SIZE:
+          errors.append(f"{v.path}: dynamic degree left out: {h}x{w} frames are below RAFT's "
+                        f"{raft_lib.MIN_SIZE}-pixel minimum (the original's flow is NaN there)")
+        else:
+          dd_videos.append(k)
+      flows = self._flow_scores([videos[k] for k in dd_videos]) if dd_videos else []
+      for k, scores in zip(dd_videos, flows):
+        v = videos[k]
         sampled = v.frames[::metrics.dd_frame_interval(v.fps)]
         h, w = v.frames.shape[1:3]
         thr = metrics.dd_threshold(h, w, kind=self.dd_threshold, fps=v.fps)

@@ -13,7 +13,8 @@ volume at 1/8 resolution pooled into a 4-level pyramid; then `iters` updates, ea
 Facts of the original code kept here because they change the numbers:
   * the window offset that varies fastest along the lookup's channels moves in y; the slower one in x;
   * lookups are bilinear with zero padding, on pixel coordinates (grid_sample, align_corners=True);
-    a pyramid level one pixel wide or high has no finite normalised coordinate there and samples 0;
+    a pyramid level one pixel wide or high has no finite normalised coordinate there (the flow is NaN),
+    so frames under MIN_SIZE (128) pixels per side are refused;
   * pyramid levels are 2x2 average pools that drop an odd last row / column.
 """
 
@@ -31,6 +32,7 @@ from flax import nnx
 from vcjax.models.raft_blocks import BasicEncoder, BasicUpdateBlock
 
 _HIGHEST = jax.lax.Precision.HIGHEST
+MIN_SIZE = 128  # pixels per side (padded) for 4 levels whose coarsest is >= 2 pixels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,12 +69,14 @@ def correlation_pyramid(fmap1, fmap2, levels: int):
   """All-pairs dot products / sqrt(D), pooled. `(B, h, w, D)` x2 -> list of `(B, h, w, h_l, w_l)`."""
   d = fmap1.shape[-1]
   corr = jnp.einsum("bijd,bkld->bijkl", fmap1, fmap2, precision=_HIGHEST) / jnp.sqrt(jnp.float32(d))
+  h, w = corr.shape[-2:]
+  if min(h, w) >> (levels - 1) < 2:
+    raise ValueError(f"RAFT needs frames of at least {MIN_SIZE} pixels per side (after padding to a multiple "
+                     f"of 8), got {8 * h}x{8 * w}: the original's coarsest correlation level would be one "
+                     "pixel wide, where its lookup divides by zero and the flow comes out NaN")
   pyramid = [corr]
   for _ in range(levels - 1):
     b, h, w, h2, w2 = corr.shape
-    if h2 < 2 or w2 < 2:
-      raise ValueError(f"RAFT needs frames of at least {8 * 2 ** (levels - 1)} pixels per side "
-                       f"(after padding to a multiple of 8); a {h2}x{w2} correlation level cannot be pooled")
     corr = corr[..., :h2 // 2 * 2, :w2 // 2 * 2].reshape(b, h, w, h2 // 2, 2, w2 // 2, 2).mean(axis=(4, 6))
     pyramid.append(corr)
   return pyramid
@@ -107,10 +111,7 @@ def lookup(pyramid, coords, radius: int):
   for level, corr in enumerate(pyramid):
     h2, w2 = corr.shape[-2:]
     c = coords.reshape(b * h * w, 1, 2) / 2 ** level
-    if h2 == 1 or w2 == 1:  # grid_sample gets 2x / 0: no finite coordinate, every sample is 0
-      samples = jnp.zeros((b * h * w, dx.shape[0]), corr.dtype)
-    else:
-      samples = _bilinear_zeros(corr.reshape(b * h * w, h2, w2), c[..., 0] + dx, c[..., 1] + dy)
+    samples = _bilinear_zeros(corr.reshape(b * h * w, h2, w2), c[..., 0] + dx, c[..., 1] + dy)
     out.append(samples.reshape(b, h, w, -1))
   return jnp.concatenate(out, axis=-1)
 
