@@ -201,11 +201,12 @@ def sampled(converted, trained):
   return dict(noise=noise, latents=np.load(tmp / "latents.npy"), sidecar=json.load(open(tmp / "video.json")))
 
 
+@pytest.mark.slow  # train.py + sample.py subprocesses: ~3.5 min CPU on 2 busy cores
 def test_trained_token_reaches_the_sampler(converted, trained, sampled):
   import jax.numpy as jnp
   from flax import nnx
   from vcjax.models.tokenizer import load_tokenizer, tokenize
-  from vcjax.pipeline import VideoPipeline
+  from vcjax.pipeline import VideoPipeline, _encode_text
   from vcjax.train import tasks
   from vcjax.train.loop import default_config
   from vcjax.weights.sources import read_state_dict
@@ -222,12 +223,15 @@ def test_trained_token_reaches_the_sampler(converted, trained, sampled):
   (key,) = [k for k in read_state_dict(str(final / "trainable.safetensors")) if "new_token_embedding" in k]
   new_rows.set_value(jnp.asarray(read_state_dict(str(final / "trainable.safetensors"))[key]))
   assert not np.array_equal(np.asarray(new_rows[...]), init_row)  # it trained
-  want = np.asarray(model.text_encoder(jnp.asarray(tokenize(tok, [PROMPT]))))
+  ids = jnp.asarray(tokenize(tok, [PROMPT]))
+  want = np.asarray(_encode_text(*nnx.split(model.text_encoder), ids))  # compiled as the pipeline compiles
+  want_in = np.asarray(model.text_encoder.text_model.embeddings(ids))
 
   pipe = VideoPipeline.from_pretrained(converted)
   assert pipe.load_lora(str(final / "lora.safetensors")) == ["<new1>"]
   assert pipe.tokenizer.convert_tokens_to_ids("<new1>") == info["new_token_id"]
   got = np.asarray(pipe.encode_prompts([PROMPT]))
+  assert np.array_equal(np.asarray(pipe.text_encoder.text_model.embeddings(ids)), want_in)  # the encoder's input
   diff = float(np.abs(got - want).max())
   without = VideoPipeline.from_pretrained(converted)
   assert without.load_lora(str(final / "lora.safetensors"), token_embedding="none") == []
@@ -238,6 +242,7 @@ def test_trained_token_reaches_the_sampler(converted, trained, sampled):
   assert np.abs(base_emb - want).max() > 1e-2
 
 
+@pytest.mark.slow  # train.py + sample.py subprocesses: ~3.5 min CPU on 2 busy cores
 def test_diffusers_with_exported_lora_and_token_gives_sample_py_latents(random_pipeline, trained, sampled):
   from diffusers import AnimateDiffPipeline, AutoencoderKL, DDIMScheduler, MotionAdapter, UNet2DConditionModel
   from transformers import CLIPTextModel, CLIPTokenizer
