@@ -26,10 +26,10 @@ def _moving_frames(rng, n, h, w, speed):
   return np.stack([big[8:8 + h, 8 + 4 * i * speed:8 + 4 * i * speed + w] for i in range(n)])
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def write_eval_models(root):
+  """Random CLIP (tiny ViT-B/32 architecture) + tokenizer, DINO (tiny ViT) and RAFT (full) under `root`:
+  clip/, dino/, raft-things.pth. -> the torch models."""
   from convert.make_random_pipeline import write_tokenizer
-  root = tmp_path_factory.mktemp("eval")
   # CLIP: ViT-B/32's architecture at tiny sizes, 224-pixel input (what the preprocessing produces).
   torch.manual_seed(0)
   text = dict(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -46,6 +46,13 @@ def setup(tmp_path_factory):
   dino.save_pretrained(root / "dino", safe_serialization=True)
   raft = raft_torch.randomized(seed=2)
   raft_torch.save_original_format(raft, root / "raft-things.pth")
+  return clip, dino, raft
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  root = tmp_path_factory.mktemp("eval")
+  clip, dino, raft = write_eval_models(root)
 
   videos = root / "videos"
   videos.mkdir()

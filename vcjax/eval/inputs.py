@@ -154,12 +154,20 @@ def references_for(video_path: str, folder: str | None, side: dict) -> list[str]
   return [ref]
 
 
-def load_video(path: str, *, prompts: dict[str, str] | None, references: str | None) -> Video:
-  """Frames, fps, prompt and reference paths of one video; raises InputError naming the bad file."""
+def load_video(path: str, *, prompts: dict[str, str] | None, references: str | None,
+               reference_list: list[str] | None = None) -> Video:
+  """Frames, fps, prompt and reference paths of one video; raises InputError naming the bad file.
+
+  The sidecar's prompt is its top-level `prompt` (sample.py's per-video prompt), else `config.prompt`;
+  `reference_list` (the protocol's) overrides every other source of references.
+  """
   frames, fps = read_video(path)
   if len(frames) < 2:
     raise InputError(f"{path}: has {len(frames)} frame; the metrics need at least 2")
   side = sidecar(path)
-  prompt = _lookup(prompts, path) if prompts is not None else (side.get("config") or {}).get("prompt")
-  return Video(path=path, frames=frames, fps=fps, prompt=prompt or None,
-               references=references_for(path, references, side))
+  if prompts is not None:
+    prompt = _lookup(prompts, path)
+  else:
+    prompt = side.get("prompt") or (side.get("config") or {}).get("prompt")
+  refs = list(reference_list) if reference_list is not None else references_for(path, references, side)
+  return Video(path=path, frames=frames, fps=fps, prompt=prompt or None, references=refs)

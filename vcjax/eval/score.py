@@ -139,15 +139,21 @@ class Scorer:
     return rows
 
   def score(self, paths: Sequence[str], *, prompts: dict[str, str] | None = None,
-            references: str | None = None, progress: Callable | None = None) -> dict:
-    """Score `paths`; -> {"videos": rows, "mean": means, "errors": one-line messages}."""
+            references: str | None = None, reference_map: dict[str, list[str]] | None = None,
+            progress: Callable | None = None) -> dict:
+    """Score `paths`; -> {"videos": rows, "mean": means, "errors": one-line messages}.
+
+    prompts: {video name or stem: prompt} instead of the sidecars'; references: a folder (see
+    `inputs.references_for`); reference_map: {video path: reference paths}, overriding both.
+    """
     rows, errors = [], []
     bar = progress(total=len(paths)) if progress else None
     for start in range(0, len(paths), self.group):
       group = []
       for path in paths[start:start + self.group]:
         try:
-          group.append(load_video(path, prompts=prompts, references=references))
+          group.append(load_video(path, prompts=prompts, references=references,
+                                  reference_list=(reference_map or {}).get(path)))
         except (InputError, ValueError, OSError) as e:
           errors.append(" ".join(str(e).split()))
       rows += self._score_group(group, errors)
