@@ -83,11 +83,11 @@ def run(cfg) -> list[str]:
   scales = skip = None
   if cfg.lora:  # with the learned tokens beside it (train.py's token_embedding.safetensors) or cfg.token_embedding's
     pipe.load_lora(cfg.lora, token_embedding=cfg.token_embedding)
-  elif cfg.token_embedding and cfg.token_embedding != "none":
-    pipe.load_textual_inversion(cfg.token_embedding)
     scales = lora_scales(cfg.lora_schedule or "constant:1.0", cfg.steps)
     skip = skipped_steps(cfg.lora_schedule or "constant:1.0", cfg.steps)  # only "authors" skips a step
     skip = skip if skip.any() else None
+  elif cfg.token_embedding and cfg.token_embedding != "none":
+    pipe.load_textual_inversion(cfg.token_embedding)
   init_noise = None
   if cfg.init_noise:
     init_noise = np.load(cfg.init_noise).transpose(0, 2, 3, 4, 1)  # diffusers (B, C, F, H, W) -> vcjax
@@ -100,7 +100,8 @@ def run(cfg) -> list[str]:
                       guidance_scale=cfg.guidance_scale, scheduler=cfg.scheduler.name, eta=cfg.eta,
                       scheduler_config=scheduler_config, reference_images=references, lora_scales=scales,
                       skip_steps=skip, init_noise=init_noise,
-                      reference_noise=cfg.reference_noise_ratio if cfg.reference_noise else None, progress=lambda it: tqdm(it, desc="denoising", unit="step"))
+                      reference_noise=cfg.reference_noise_ratio if cfg.reference_noise else None,
+                      progress=lambda it: tqdm(it, desc="denoising", unit="step"))
   seconds = time.time() - start
   if cfg.save_latents:
     np.save(cfg.save_latents, out.latents.transpose(0, 4, 1, 2, 3))
