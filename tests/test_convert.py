@@ -46,8 +46,9 @@ def test_every_format_gives_the_same_parameters(random_pipeline, tmp_path):
       for k in pa:
         np.testing.assert_array_equal(pa[k], pb[k], err_msg=f"{component} {k}")
   # Defaults: version from the keys; norm semantics from the motion module's origin.
+  scheduler_file = os.path.join(rp["base"], "scheduler", "scheduler_config.json")
   assert read_info(ref)["info"] == dict(base="diffusers", motion_source="original", semantics="original",
-                                        version="v2")
+                                        version="v2", scheduler_source=scheduler_file)
   assert read_info(adapter)["info"]["semantics"] == "diffusers"
   assert read_info(single)["info"]["base"] == "ldm"
   assert read_info(ref)["unet"]["motion_mid_block"] is True
@@ -190,3 +191,25 @@ def test_lora_flag_merges_into_the_converted_unet(random_pipeline, converted, tm
   assert rel_err(load_unet(out)(x, jnp.array([10]), ctx), want) <= 1e-5
   set_lora_scale(unet, 0.0)
   assert rel_err(unet(x, jnp.array([10]), ctx), want) > 1e-3
+
+
+def test_the_base_models_scheduler_config_is_kept(random_pipeline, tmp_path, capsys):
+  """A diffusers folder's scheduler/ is copied; a single file records none, so it gets SD1.5's, and says so."""
+  import json
+  import shutil
+  from vcjax.loading import load_scheduler_config
+  from vcjax.weights.pipeline import SD15_SCHEDULER
+  rp = random_pipeline
+  folder = convert(tmp_path, "folder", "--base", rp["base"], "--motion-module", rp["motion_diffusers"])
+  with open(os.path.join(rp["base"], "scheduler", "scheduler_config.json")) as f:
+    assert load_scheduler_config(folder) == json.load(f)
+  described = tmp_path / "configs_only"  # architecture configs for the single file, and no scheduler
+  for part in ("unet", "vae", "text_encoder", "tokenizer"):
+    shutil.copytree(os.path.join(rp["base"], part), described / part,
+                    ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+  capsys.readouterr()
+  single = convert(tmp_path, "single", "--base", rp["ldm"], "--motion-module", rp["motion_diffusers"],
+                   "--base-config", str(described))
+  assert "SD1.5's (the base carries no scheduler config)" in capsys.readouterr().out
+  assert load_scheduler_config(single) == SD15_SCHEDULER
+  assert read_info(single)["info"]["scheduler_source"].startswith("SD1.5's")

@@ -26,6 +26,7 @@ def test_prompt_sets():
     read_prompt_set("object", category="unicorn")
 
 
+@pytest.mark.slow  # sample + score subprocess
 def test_protocol_end_to_end(converted, tmp_path):
   pytest.importorskip("torch")
   from tests.test_eval_command import write_eval_models

@@ -17,6 +17,9 @@ import sys
 import time
 
 import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow  # 2-process jobs on 127.0.0.1
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 240  # generous for a loaded 2-core machine; a hung job fails instead of stalling CI

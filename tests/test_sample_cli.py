@@ -27,6 +27,7 @@ def lora_file(converted, path):
   return save_lora(unet, str(path))
 
 
+@pytest.mark.slow  # a sample.py subprocess
 def test_sample_cli_with_reference_and_lora(converted, tmp_path):
   Image.fromarray(np.full((40, 64, 3), 30, np.uint8)).save(tmp_path / "ref.png")
   lora = lora_file(converted, tmp_path / "subject.safetensors")
@@ -81,3 +82,26 @@ def test_unreadable_image_is_one_line(base_config, tmp_path):
   with pytest.raises(ValueError) as e:
     sample.run(cfg)
   assert "bad.png" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_scheduler_fields_override_by_name_and_unsupported_ones_fail(base_config, tmp_path):
+  """The model's scheduler config is the start; a field vcjax does not implement fails loudly, whether the
+  model's config or an override asks for it."""
+  import json
+  import shutil
+  import sample
+  model = tmp_path / "model"
+  shutil.copytree(base_config.model, model)
+  with open(model / "scheduler" / "scheduler_config.json") as f:
+    settings = json.load(f)
+  assert settings["beta_schedule"] == "scaled_linear" and settings["set_alpha_to_one"] is False  # SD1.5-like
+  with open(model / "scheduler" / "scheduler_config.json", "w") as f:
+    json.dump(dict(settings, thresholding=True), f)
+  cfg = base_config.copy_and_resolve_references()
+  cfg.model = str(model)
+  with pytest.raises(ValueError, match="thresholding=True is not supported"):
+    sample.run(cfg)
+  cfg = base_config.copy_and_resolve_references()
+  cfg.scheduler.timestep_spacing = "sideways"
+  with pytest.raises(ValueError, match="timestep_spacing='sideways' is not supported"):
+    sample.run(cfg)

@@ -21,6 +21,8 @@ import torch
 
 from tests.reference import rel_err, to_channels_last_video
 
+pytestmark = pytest.mark.slow  # sample.py subprocesses against diffusers pipelines
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FRAMES, HEIGHT, WIDTH, STEPS = 5, 32, 48, 4
 NEGATIVE = "blurry"

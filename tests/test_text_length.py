@@ -76,6 +76,7 @@ def test_tokenizer_longer_than_the_text_encoder_is_a_clear_error(odd_model, conv
     text(jnp.zeros((1, 77), jnp.int32))
 
 
+@pytest.mark.slow  # prepare + train.py subprocesses
 def test_subject_lora_from_a_folder_trains_on_a_16_token_model(odd_model, tmp_path):
   """prepare subject -> train.py on the 16-position model: finite losses (the ids were padded to 77 and the
   position lookup past the table read NaN: "loss is nan at step 1")."""

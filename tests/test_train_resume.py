@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
+pytestmark = pytest.mark.slow  # train.py subprocesses (SIGTERM, NaN)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "train_tiny_subject.py")
 
