@@ -51,7 +51,7 @@ def main(argv=None) -> int:
   try:
     loras = ()
     if args.lora:
-      from vcjax.weights.lora import parse_lora_arg
+      from vcjax.weights.lora_files import parse_lora_arg
       loras = tuple(parse_lora_arg(s) for s in args.lora)
     pipe = assemble(args.base, args.motion_module, tokenizer=args.tokenizer, config_dir=args.base_config,
                     loras=loras,

@@ -175,7 +175,7 @@ def test_lora_flag_merges_into_the_converted_unet(random_pipeline, converted, tm
   import jax
   from flax import nnx
   from vcjax.nn.lora import add_lora, lora_modules, set_lora_scale
-  from vcjax.weights.export import save_lora_peft
+  from vcjax.weights.lora_files import save_lora_peft
   unet = load_unet(converted)
   add_lora(unet, rank=4, rngs=nnx.Rngs(0))
   for i, m in enumerate(lora_modules(unet).values()):

@@ -22,8 +22,8 @@ from flax import nnx
 from tests.reference import rel_err, to_channels_last_video
 from vcjax.loading import from_state_dict
 from vcjax.nn import lora as L
-from vcjax.weights import export
-from vcjax.weights.lora import module_names, read_lora
+from vcjax.weights import export, keymaps, lora_files
+from vcjax.weights.lora_files import module_names, read_lora
 from vcjax.weights.pipeline import assemble
 from vcjax.weights.sources import read_state_dict
 
@@ -97,7 +97,7 @@ def test_lora_exports_load_in_diffusers(case, tmp_path):
   got = case["run_vcjax"](model)
   assert rel_err(got, case["run_vcjax"](case["unet"])) > 1e-2  # the LoRA really changes the output
 
-  peft_file = export.save_lora_peft(model, str(tmp_path / "peft"))
+  peft_file = lora_files.save_lora_peft(model, str(tmp_path / "peft"))
   assert peft_file.endswith("peft/pytorch_lora_weights.safetensors")
   sd = read_state_dict(peft_file)
   name = "unet.down_blocks.0.attentions.0.proj_in"
@@ -115,7 +115,7 @@ def test_lora_exports_load_in_diffusers(case, tmp_path):
   err_adapter = rel_err(case["run_torch"](ref), got)
   del ref
 
-  kohya_file = export.save_lora_kohya(model, str(tmp_path / "kohya.safetensors"))
+  kohya_file = lora_files.save_lora_kohya(model, str(tmp_path / "kohya.safetensors"))
   ksd = read_state_dict(kohya_file)
   stem = "lora_unet_up_blocks_1_attentions_2_transformer_blocks_0_attn2_to_k"
   assert float(ksd[stem + ".alpha"]) == 4.0 and ksd[stem + ".lora_down.weight"].shape == (4, 32)
@@ -127,9 +127,9 @@ def test_lora_exports_load_in_diffusers(case, tmp_path):
   assert max(err_peft, err_adapter, err_kohya) <= 1e-5
 
   # vcjax's own reader sees the same LoRA (scale 1, the run-time 0.7 folded into up)
-  want = L.lora_weights(model)
+  want = lora_files.lora_weights(model)
   for f in (peft_file, kohya_file):
-    loras = read_lora(f, module_names(export.torch_shapes(model)))["unet"]
+    loras = read_lora(f, module_names(keymaps.torch_shapes(model)))["unet"]
     assert set(loras) == set(want) and {lw.scale for lw in loras.values()} == {1.0}
     for m, lw in loras.items():
       np.testing.assert_allclose(lw.delta(), want[m].delta(), rtol=1e-6, atol=1e-7)
@@ -162,7 +162,7 @@ def test_girl_unet_export_loads_strictly_in_diffusers(case, tmp_path):
   assert not result.missing_keys and not result.unexpected_keys
   # exactly the trained tensors differ (the pe buffers are recomputed: equal to float rounding)
   diff = [k for k in export.state_dict_diff(sd, before) if not k.endswith(".pe")]
-  want_keys = {L.diffusers_name(p.rpartition(".")[0]) + (".bias" if p.endswith(".bias") else ".weight")
+  want_keys = {keymaps.diffusers_name(p.rpartition(".")[0]) + (".bias" if p.endswith(".bias") else ".weight")
                for p in changed}
   assert set(diff) == want_keys and len(want_keys) == len(changed)
   assert max(float(np.abs(sd[k] - before[k]).max()) for k in sd if k.endswith(".pe")) < 2e-6
@@ -205,7 +205,7 @@ def test_original_semantics_export_warns_records_and_differs(case, tmp_path):
   info = json.load(open(tmp_path / "orig" / export.EXPORT_INFO_NAME))
   assert info["norm_semantics"] == "original" and info["diffusers_computes_the_same"] is False
   assert info["norm_flags"]["motion_norm_across_frames"] is False and "note" in info
-  from vcjax.weights.lora import _safetensors_metadata
+  from vcjax.weights.lora_files import _safetensors_metadata
   meta = json.loads(_safetensors_metadata(str(tmp_path / "orig" / export.UNET_WEIGHT_NAME))["vcjax_export"])
   assert meta == info
   torch_out = case["run_torch"](UNetMotionModel.from_pretrained(str(tmp_path / "orig")).eval())

@@ -1,4 +1,4 @@
-"""LoRA files (vcjax.weights.lora): every flavour must merge to what diffusers' own `fuse_lora()` gives.
+"""LoRA files (vcjax.weights.lora_files): every flavour must merge to what diffusers' own `fuse_lora()` gives.
 
 A tiny random diffusers UNet gets a PEFT LoRA (random non-zero B, lora_alpha != r, an alpha_pattern,
 linear and conv targets); diffusers saves it and fuses it. Our reader + merger must reproduce the fused
@@ -20,7 +20,7 @@ from peft.utils import get_peft_model_state_dict
 from tests.reference import randomize_
 from vcjax.weights.errors import CheckpointError
 from vcjax.weights.ldm import diffusers_unet_to_ldm
-from vcjax.weights.lora import LoRAWeight, merge_lora, module_names, parse_lora_arg, read_lora
+from vcjax.weights.lora_files import LoRAWeight, merge_lora, module_names, parse_lora_arg, read_lora
 from vcjax.weights.sources import save_safetensors
 
 UNET_CONFIG = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,

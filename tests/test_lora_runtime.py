@@ -24,8 +24,8 @@ from vcjax.models.configs import tiny_unet
 from vcjax.models.unet3d import UNet3D
 from vcjax.nn import lora as L
 from vcjax.nn.layers import Conv
-from vcjax.weights import export, keymaps, store
-from vcjax.weights.lora import merge_lora, module_names, read_lora
+from vcjax.weights import export, keymaps, lora_files, store
+from vcjax.weights.lora_files import merge_lora, module_names, read_lora
 from vcjax.weights.sources import save_safetensors
 
 CFG = tiny_unet()
@@ -214,7 +214,7 @@ def lora_file(tmp_path, flavour: str, targets, seed=5):
     fan_in, fan_out = targets[path]
     down = rng.standard_normal((RANK, fan_in)).astype(np.float32) / np.sqrt(fan_in)
     up = 0.3 * rng.standard_normal((fan_out, RANK)).astype(np.float32)
-    name = L.diffusers_name(path)
+    name = keymaps.diffusers_name(path)
     if flavour == "peft":
       sd[f"unet.{name}.lora_A.weight"], sd[f"unet.{name}.lora_B.weight"] = down, up
     else:
@@ -240,16 +240,16 @@ def test_lora_file_unmerged_equals_merged_checkpoint(base, tmp_path, flavour):
   assert {lw.scale for lw in loras.values()} == {2.0 if flavour == "peft" else 0.5}
   s = 0.6
   unmerged = nnx.clone(model)
-  assert L.load_lora(unmerged, loras, scale=s) == sorted(targets)
+  assert lora_files.load_lora(unmerged, loras, scale=s) == sorted(targets)
   merged = keymaps.load_state_dict(nnx.clone(model), merge_lora(base_sd, loras, s))
   err = rel_err(forward(unmerged, inputs), forward(merged, inputs))
   print(f"{flavour} file: read_lora -> load_lora (unmerged, scale {s}) vs merge_lora -> load: rel err {err:.2e}")
   assert err <= 1e-5
   # load_lora_file reads the same file to the same adapter, and vcjax's own format round-trips.
   again = nnx.clone(model)
-  L.load_lora_file(again, str(path), scale=s)
+  lora_files.load_lora_file(again, str(path), scale=s)
   own = nnx.clone(model)
-  L.load_lora_file(own, export.save_lora(unmerged, str(tmp_path / "vcjax_lora.safetensors")), scale=s)
+  lora_files.load_lora_file(own, lora_files.save_lora(unmerged, str(tmp_path / "vcjax_lora.safetensors")), scale=s)
   for other in (again, own):
     for p, (d, u, sc) in L.lora_arrays(unmerged).items():
       d2, u2, sc2 = L.lora_arrays(other)[p]
@@ -280,7 +280,7 @@ def test_diffusers_names_conv_refusal_and_lora_only_grads():
   wrap = Wrap(nnx.Rngs(0))
   x = jnp.asarray(rng.standard_normal((1, 2, 4, 4, 32)), jnp.float32)
   ctx = jnp.asarray(rng.standard_normal((1, 3, 32)), jnp.float32)
-  base_sd = keymaps.export_state_dict(wrap, export.torch_shapes(wrap))
+  base_sd = keymaps.export_state_dict(wrap, keymaps.torch_shapes(wrap))
   assert base_sd["attentions.0.proj_in.weight"].shape == (32, 32, 1, 1)
   blk = "attentions.0.transformer_blocks.0"
   targets = {f"{blk}.attn1.to_out.0": (32, 32), f"{blk}.ff.net.0.proj": (32, 256), f"{blk}.ff.net.2": (128, 32),
@@ -294,7 +294,7 @@ def test_diffusers_names_conv_refusal_and_lora_only_grads():
     sd[name + ".lora_A.weight"], sd[name + ".lora_B.weight"] = down, up
   loras = read_lora(sd, module_names(base_sd))["unet"]
   unmerged = nnx.clone(wrap)
-  paths = L.load_lora(unmerged, loras, scale=0.9)
+  paths = lora_files.load_lora(unmerged, loras, scale=0.9)
   assert paths == sorted([f"{blk}.attn1.to_out", f"{blk}.ff.proj_in", f"{blk}.ff.proj_out",
                           "attentions.0.proj_in", f"{blk}.attn2.to_v"])
   merged = keymaps.load_state_dict(nnx.clone(wrap), merge_lora(base_sd, loras, 0.9))
@@ -305,13 +305,13 @@ def test_diffusers_names_conv_refusal_and_lora_only_grads():
 
   conv_lora = {"conv": type(loras[f"{blk}.attn2.to_v"])(down=np.ones((RANK, 32, 3, 3)), up=np.ones((32, RANK, 1, 1)))}
   with pytest.raises(L.LoRAError, match="merge"):
-    L.load_lora(nnx.clone(wrap), conv_lora)
+    lora_files.load_lora(nnx.clone(wrap), conv_lora)
   with pytest.raises(L.LoRAError, match="no such module"):
-    L.load_lora(nnx.clone(wrap), {"attentions.0.nothing.to_q": loras[f"{blk}.attn2.to_v"]})
+    lora_files.load_lora(nnx.clone(wrap), {"attentions.0.nothing.to_q": loras[f"{blk}.attn2.to_v"]})
   with pytest.raises(L.LoRAError, match="already has a LoRA"):
-    L.load_lora(unmerged, {f"{blk}.attn2.to_v": loras[f"{blk}.attn2.to_v"]})
+    lora_files.load_lora(unmerged, {f"{blk}.attn2.to_v": loras[f"{blk}.attn2.to_v"]})
   with pytest.raises(L.LoRAError, match="do not fit"):
-    L.load_lora(nnx.clone(wrap), {f"{blk}.ff.net.2": loras[f"{blk}.attn2.to_v"]})
+    lora_files.load_lora(nnx.clone(wrap), {f"{blk}.ff.net.2": loras[f"{blk}.attn2.to_v"]})
 
   # Training: gradients w.r.t. LoRAParam only; with up = 0 only `up` gets a gradient at first.
   train = nnx.clone(wrap)

@@ -19,7 +19,7 @@ def lora_file(converted, path):
   import jax
   from vcjax.loading import load_unet
   from vcjax.nn.lora import add_lora, lora_modules
-  from vcjax.weights.export import save_lora
+  from vcjax.weights.lora_files import save_lora
   unet = load_unet(converted)
   add_lora(unet, rank=4, rngs=nnx.Rngs(0))
   for i, m in enumerate(lora_modules(unet).values()):  # non-zero up: the LoRA must change the output

@@ -137,7 +137,7 @@ def test_lora_with_the_paper_schedule(odd_model, tmp_path):
   from flax import nnx
   from vcjax.loading import load_unet
   from vcjax.nn.lora import add_lora, lora_modules
-  from vcjax.weights.export import save_lora_peft
+  from vcjax.weights.lora_files import save_lora_peft
   unet = load_unet(odd_model["converted"])
   add_lora(unet, rank=4, rngs=nnx.Rngs(0))
   for i, m in enumerate(lora_modules(unet).values()):

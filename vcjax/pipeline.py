@@ -97,7 +97,7 @@ class VideoPipeline:
     token_embedding: "" loads the `token_embedding.safetensors` beside the LoRA if there is one (train.py
     writes the subject's "<new1>" there); a path loads that file; None or "none" loads none. -> tokens added.
     """
-    from vcjax.nn.lora import load_lora_file
+    from vcjax.weights.lora_files import load_lora_file
     from vcjax.weights.textual_inversion import token_file_beside
     load_lora_file(self.unet, path, scale=scale)
     if token_embedding == "":

@@ -21,10 +21,10 @@ replaced by `scale` (a traced value is fine), e.g.
       eps = nnx.merge(graphdef, with_lora_scale(state, scales[i]))(x, t[i], ctx)
       ...
 
-Module paths are vcjax's (`down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`); diffusers names
-(`to_out.0`, `ff.net.0.proj`, `ff.net.2`) are accepted wherever a LoRA is loaded. File reading and
-writing live in vcjax.weights (export.save_lora / read_vcjax_lora, lora.read_lora); `load_lora_file`
-only dispatches to them.
+Everything here is in vcjax's terms: module paths (`down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`)
+and flax layout (down `(in, r)`, up `(r, out)`). LoRA files, diffusers names (`to_out.0`, `ff.net.0.proj`) and
+PyTorch layout are vcjax.weights.lora_files' (read_lora / load_lora / load_lora_file / save_lora*, merge_lora),
+which attaches through `attach_loras`; this module imports nothing from vcjax.weights.
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ import numpy as np
 from flax import nnx
 
 from vcjax.nn.layers import Linear
-from vcjax.weights.errors import CheckpointError
 
 
 class LoRAParam(nnx.Variable):
@@ -53,31 +52,12 @@ class LoRAScale(nnx.Variable):
 # (down, mid, up); not to_out, not the feed-forward, not the motion modules' temporal attention.
 CUSTOMCRAFTER_TARGETS = r"(^|\.)attentions\.\d+\.transformer_blocks\.\d+\.attn[12]\.to_[qkv]$"
 
-# diffusers module names that are not valid attribute names, and vcjax's names for them.
-_TO_VCJAX = ((r"\.to_out\.0(?=\.|$)", ".to_out"), (r"\.ff\.net\.0\.proj(?=\.|$)", ".ff.proj_in"),
-             (r"\.ff\.net\.2(?=\.|$)", ".ff.proj_out"))
-_TO_DIFFUSERS = ((r"\.to_out(?=\.|$)", ".to_out.0"), (r"\.ff\.proj_in(?=\.|$)", ".ff.net.0.proj"),
-                 (r"\.ff\.proj_out(?=\.|$)", ".ff.net.2"))
+# What a LoRA that cannot apply at run time should do instead.
+MERGE_HINT = "merge conv LoRAs into the weights with vcjax.weights.lora_files.merge_lora"
 
 
-class LoRAError(CheckpointError):
-  """A LoRA does not fit the model (unknown module, not a Linear, wrong shape). A ValueError."""
-
-
-def vcjax_name(name: str) -> str:
-  """diffusers module name -> vcjax module path (vcjax paths pass through unchanged)."""
-  n = "." + name
-  for pattern, repl in _TO_VCJAX:
-    n = re.sub(pattern, repl, n)
-  return n[1:]
-
-
-def diffusers_name(path: str) -> str:
-  """vcjax module path -> diffusers module name (`to_out` -> `to_out.0`, `ff.proj_in` -> `ff.net.0.proj`)."""
-  n = "." + path
-  for pattern, repl in _TO_DIFFUSERS:
-    n = re.sub(pattern, repl, n)
-  return n[1:]
+class LoRAError(ValueError):
+  """A LoRA does not fit the model (unknown module, not a Linear, wrong shape)."""
 
 
 def linear_modules(model: nnx.Module) -> dict[str, Linear]:
@@ -119,7 +99,7 @@ def _select(model: nnx.Module, targets: str | Iterable[str]) -> dict[str, Linear
   if isinstance(targets, str):
     rx = re.compile(targets)
     return {p: m for p, m in linears.items() if rx.search(p)}
-  wanted = [vcjax_name(t) for t in targets]
+  wanted = list(targets)
   missing = [t for t in wanted if t not in linears]
   if missing:
     raise LoRAError(f"{len(missing)} LoRA targets are not Linear layers of the model: {', '.join(missing[:6])}")
@@ -130,7 +110,7 @@ def add_lora(model: nnx.Module, *, rank: int = 4, targets: str | Iterable[str] =
              rngs: nnx.Rngs | int, init: str = "customcrafter", scale: float = 1.0,
              dtype=jnp.float32) -> list[str]:
   """Attach fresh LoRAs of `rank` to the Linears whose vcjax path matches `targets` (a regex searched in
-  the dotted path, or an explicit list of module names). Returns the sorted paths.
+  the dotted path, or an explicit list of vcjax module paths). Returns the sorted paths.
 
   init "customcrafter": down ~ N(0, std 1/rank), up = 0 (METHODS.md §4), so the model's output is
   unchanged until training moves `up`. init "peft": down ~ U(+-1/sqrt(in)) (PEFT's kaiming-uniform with
@@ -157,71 +137,43 @@ def add_lora(model: nnx.Module, *, rank: int = 4, targets: str | Iterable[str] =
   return sorted(chosen)
 
 
-def _as_matrix(a, what: str, name: str) -> np.ndarray:
-  a = np.asarray(a, np.float32)
-  if a.ndim == 4 and a.shape[2:] == (1, 1):  # a 1x1-conv LoRA (e.g. SD1.5 proj_in) is a linear one
-    a = a[:, :, 0, 0]
-  if a.ndim != 2:
-    raise LoRAError(f"LoRA of {name!r}: {what} has shape {a.shape}; only Linear (or 1x1 conv) LoRAs apply at run "
-                    "time; merge conv LoRAs into the weights instead (vcjax.weights.lora.merge_lora)")
-  return a
+def attach_loras(model: nnx.Module, adapters: Mapping[str, tuple[object, object]], *, scale: float = 1.0,
+                 replace: bool = False, dtype=jnp.float32) -> list[str]:
+  """Attach several adapters {vcjax path: (down (in, r), up (r, out))} at run-time `scale`; everything is
+  checked before anything is attached. Returns the sorted paths.
 
-
-def load_lora(model: nnx.Module, loras: Mapping[str, object], *, scale: float = 1.0, replace: bool = False,
-              dtype=jnp.float32) -> list[str]:
-  """Attach LoRAs read from a file, unmerged. Returns the sorted vcjax paths.
-
-  loras: {module name: LoRAWeight} as `vcjax.weights.lora.read_lora(...)["unet"]` gives (diffusers names;
-    down `(r, in)`, up `(out, r)` in PyTorch layout, `.scale` = the file's alpha/rank) or as
-    `vcjax.weights.export.read_vcjax_lora(path)` gives. The file's scale is folded into lora_up; `scale`
-    becomes every layer's run-time LoRAScale.
   replace: allow replacing a LoRA already on a layer (else that is an error: two LoRAs do not stack at
     run time; merge one of them instead).
-  Everything is checked before anything is attached.
   """
   linears = linear_modules(model)
   modules = {".".join(str(x) for x in p): m for p, m in nnx.iter_modules(model)}
   plan, problems = [], []
-  for name, lw in sorted(loras.items()):
-    path = vcjax_name(name)
+  for path, (down, up) in sorted(adapters.items()):
     target = linears.get(path)
     if target is None:
       kind = type(modules[path]).__name__ if path in modules else None
-      problems.append(f"{name} (a {kind}: only Linear layers take a LoRA at run time; merge conv LoRAs into the "
-                      "weights with vcjax.weights.lora.merge_lora)" if kind else f"{name} (no such module)")
+      problems.append(f"{path} (a {kind}: only Linear layers take a LoRA at run time; {MERGE_HINT})" if kind
+                      else f"{path} (no such module)")
       continue
-    down = _as_matrix(lw.down, "down", name)
-    up = _as_matrix(lw.up, "up", name) * np.float32(getattr(lw, "scale", 1.0))
+    down, up = np.asarray(down, np.float32), np.asarray(up, np.float32)
+    if down.ndim != 2 or up.ndim != 2:
+      problems.append(f"{path} (down {down.shape}, up {up.shape}: only Linear (or 1x1 conv) LoRAs apply at run "
+                      f"time; {MERGE_HINT})")
+      continue
     fan_in, fan_out = target.kernel.get_value().shape
-    if down.shape[1] != fan_in or up.shape[0] != fan_out or up.shape[1] != down.shape[0]:
-      problems.append(f"{name} (down {down.shape}, up {up.shape} for a Linear {fan_in} -> {fan_out})")
+    if down.shape[0] != fan_in or up.shape[1] != fan_out or up.shape[0] != down.shape[1]:
+      problems.append(f"{path} (down {down.shape}, up {up.shape} for a Linear {fan_in} -> {fan_out})")
       continue
     if has_lora(target) and not replace:
-      problems.append(f"{name} (already has a LoRA; pass replace=True or merge one of them)")
+      problems.append(f"{path} (already has a LoRA; pass replace=True or merge one of them)")
       continue
-    plan.append((path, target, down.T, up.T))
+    plan.append((path, target, down, up))
   if problems:
     shown = "; ".join(problems[:6]) + ("; ..." if len(problems) > 6 else "")
     raise LoRAError(f"{len(problems)} LoRA targets do not fit the model: {shown}")
   for _, target, down, up in plan:
     attach_lora(target, down, up, scale, dtype=dtype)
   return sorted(p for p, *_ in plan)
-
-
-def load_lora_file(model: nnx.Module, path: str, *, scale: float = 1.0, replace: bool = False) -> list[str]:
-  """Read a LoRA file of any flavour vcjax knows (its own `save_lora` format, diffusers/PEFT, kohya,
-  AnimateDiff processor LoRAs) and attach its UNet part to `model` unmerged (see `load_lora`). The file
-  reading itself lives in vcjax.weights; this only dispatches."""
-  from vcjax.weights import export
-  from vcjax.weights.lora import module_names, read_lora
-  if export.is_vcjax_lora(path):
-    loras = export.read_vcjax_lora(path)
-  else:
-    names = module_names(export.torch_shapes(model))
-    loras = read_lora(path, names, config=getattr(model, "config", None))["unet"]
-  if not loras:
-    raise LoRAError(f"{path}: holds no LoRA for this model")
-  return load_lora(model, loras, scale=scale, replace=replace)
 
 
 def _scale_vars(tree) -> list[LoRAScale]:
@@ -256,19 +208,6 @@ def lora_arrays(model: nnx.Module) -> dict[str, tuple[np.ndarray, np.ndarray, fl
   return {p: (np.asarray(m.lora_down.get_value()), np.asarray(m.lora_up.get_value()),
               float(np.asarray(m.lora_scale.get_value())))
           for p, m in sorted(lora_modules(model).items())}
-
-
-def lora_weights(model: nnx.Module, *, fold_scale: bool = True) -> dict[str, object]:
-  """The attached LoRAs as {diffusers module name: LoRAWeight(down (r, in), up (out, r), scale)} in
-  PyTorch layout, ready for `vcjax.weights.lora.merge_lora` or export. fold_scale: multiply each layer's
-  current LoRAScale into `up` (scale 1.0 in the result); else keep it in `.scale`."""
-  from vcjax.weights.lora import LoRAWeight  # numpy-only module; imported late to keep nn/ light
-  out = {}
-  for path, (down, up, s) in lora_arrays(model).items():
-    up_t = up.T * np.float32(s) if fold_scale else up.T
-    out[diffusers_name(path)] = LoRAWeight(down=np.ascontiguousarray(down.T), up=np.ascontiguousarray(up_t),
-                                           scale=1.0 if fold_scale else s)
-  return out
 
 
 def fuse_lora(model: nnx.Module, *, remove: bool = True) -> list[str]:

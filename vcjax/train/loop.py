@@ -119,7 +119,7 @@ def export(trainer: Trainer, trainable, cfg, info, out: str) -> None:
     model = trainer.model(host)
     emb = np.asarray(model.text_encoder.text_model.embeddings.new_token_embedding[...])
     save_safetensors({cfg.new_token: emb[0]}, os.path.join(out, "token_embedding.safetensors"))
-    from vcjax.weights.export import save_lora, save_lora_peft
+    from vcjax.weights.lora_files import save_lora, save_lora_peft
     save_lora(model.unet, os.path.join(out, "lora.safetensors"))  # vcjax's own (sample.py --lora)
     save_lora_peft(model.unet, os.path.join(out, "pytorch_lora_weights.safetensors"))  # diffusers / PEFT
   else:  # GIRL: the whole UNet as a diffusers UNetMotionModel folder (what VideoMaker releases)

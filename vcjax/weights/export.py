@@ -1,18 +1,8 @@
-"""vcjax -> PyTorch files: trained LoRAs (diffusers/PEFT, kohya, vcjax's own format) and whole UNets.
+"""vcjax -> PyTorch files: whole UNets (LoRA files are vcjax.weights.lora_files').
 
-    save_lora_peft(unet, "out/")        # out/pytorch_lora_weights.safetensors, `unet.<module>.lora_A.weight`:
-                                        #   pipe.load_lora_weights("out/") / unet.load_lora_adapter(..., prefix="unet")
-    save_lora_kohya(unet, "x.safetensors")  # lora_unet_<module with _>.lora_down/.lora_up/.alpha (alpha = rank)
-    save_lora(unet, "x.safetensors")    # vcjax's own: <vcjax path>.lora_down (in, r) / .lora_up (r, out)
-    read_vcjax_lora("x.safetensors")    # -> {diffusers module name: LoRAWeight}, as read_lora(...)["unet"]
     save_unet(unet, "out/")             # out/config.json + diffusion_pytorch_model.safetensors (UNetMotionModel)
                                         #   + vcjax_export.json (norm semantics; a warning if not diffusers')
-
-LoRA exports fold each layer's current run-time LoRAScale into `up` (so a LoRA trained at scale 1 exports
-as trained) and write alpha = rank, i.e. scale 1 in every reader. A LoRA on a SpatialTransformer's
-proj_in/proj_out is written as a 1x1-conv LoRA when the PyTorch model has convolutions there
-(`use_linear_projection` False, SD1.5). vcjax LoRA files feed `vcjax.nn.lora.load_lora` (run time) and
-`vcjax.weights.lora.merge_lora` (merged) directly; to merge one with the converter CLI, export it to PEFT.
+    unet_state_dict(unet, merge_lora=True)  # the diffusers state dict, attached LoRAs merged (lora_files.merge_lora)
 """
 
 from __future__ import annotations
@@ -20,186 +10,19 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import warnings
-from collections import Counter
 from typing import Any, Mapping
 
 import numpy as np
 from flax import nnx
 
 from vcjax.nn import lora as nn_lora
-from vcjax.weights import keymaps, sources
+from vcjax.weights import keymaps, lora_files, sources
 from vcjax.weights.errors import CheckpointError
-from vcjax.weights.lora import LoRAWeight
 
-PEFT_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes
 UNET_WEIGHT_NAME = "diffusion_pytorch_model.safetensors"
 EXPORT_INFO_NAME = "vcjax_export.json"  # beside config.json: what the export does not carry over
 log = logging.getLogger(__name__)
-VCJAX_LORA_FORMAT = "vcjax-lora"
-# SpatialTransformer proj_in/proj_out: 1x1 convs in PyTorch unless use_linear_projection.
-_SPATIAL_PROJ = re.compile(r"(^|\.)attentions\.\d+\.proj_(in|out)$")
-
-
-def _config(model) -> Any:
-  return getattr(model, "config", None)
-
-
-def _is_conv_1x1(module_path: str, config) -> bool:
-  return (config is not None and not getattr(config, "use_linear_projection", True)
-          and bool(_SPATIAL_PROJ.search(module_path)))
-
-
-# ----------------------------------------------------------------------------- LoRA
-
-
-def _lora_matrices(model: nnx.Module, fold_scale: bool) -> dict[str, tuple[np.ndarray, np.ndarray, bool]]:
-  """{diffusers module name: (down (r, in[, 1, 1]), up (out, r[, 1, 1]), conv)} in PyTorch layout."""
-  config = _config(model)
-  found = nn_lora.lora_arrays(model)
-  if not found:
-    raise CheckpointError("the model carries no LoRA to export (attach one with vcjax.nn.lora.add_lora/load_lora)")
-  out = {}
-  for path, (down, up, scale) in found.items():
-    down_t = np.ascontiguousarray(down.T, np.float32)
-    up_t = np.ascontiguousarray(up.T * np.float32(scale if fold_scale else 1.0), np.float32)
-    conv = _is_conv_1x1(path, config)
-    if conv:
-      down_t, up_t = down_t[:, :, None, None], up_t[:, :, None, None]
-    out[nn_lora.diffusers_name(path)] = (down_t, up_t, conv)
-  return out
-
-
-def lora_to_peft(model: nnx.Module, *, prefix: str = "unet", fold_scale: bool = True
-                 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-  """(state dict, PEFT adapter config) of the model's LoRAs in diffusers' format:
-  `<prefix>.<diffusers module>.lora_A.weight` (r, in) / `.lora_B.weight` (out, r); lora_alpha = r."""
-  mats = _lora_matrices(model, fold_scale)
-  head = f"{prefix}." if prefix else ""
-  sd, ranks = {}, {}
-  for name, (down, up, _) in mats.items():
-    sd[f"{head}{name}.lora_A.weight"] = down
-    sd[f"{head}{name}.lora_B.weight"] = up
-    ranks[name] = int(down.shape[0])
-  r = Counter(ranks.values()).most_common(1)[0][0]
-  pattern = {n: k for n, k in ranks.items() if k != r}
-  config = {"r": r, "lora_alpha": r, "rank_pattern": pattern, "alpha_pattern": dict(pattern),
-            "target_modules": sorted(mats), "lora_dropout": 0.0, "bias": "none", "use_dora": False,
-            "use_rslora": False, "init_lora_weights": True}
-  return sd, config
-
-
-def _weights_file(path: str, default_name: str) -> str:
-  path = os.fspath(path)
-  if path.endswith(".safetensors"):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    return path
-  os.makedirs(path, exist_ok=True)
-  return os.path.join(path, default_name)
-
-
-def save_lora_peft(model: nnx.Module, path: str, *, prefix: str = "unet", fold_scale: bool = True) -> str:
-  """Write the model's LoRAs as diffusers' `save_lora_weights` does (a folder gets
-  pytorch_lora_weights.safetensors; a *.safetensors path is used as is). The adapter config goes into the
-  safetensors metadata (`lora_adapter_metadata`, keys prefixed with `prefix.`). Returns the file."""
-  sd, config = lora_to_peft(model, prefix=prefix, fold_scale=fold_scale)
-  meta = {f"{prefix}.{k}" if prefix else k: v for k, v in config.items()}
-  file = _weights_file(path, PEFT_WEIGHT_NAME)
-  sources.save_safetensors(sd, file, metadata={"format": "pt",
-                                               "lora_adapter_metadata": json.dumps(meta, indent=2, sort_keys=True)})
-  return file
-
-
-def lora_to_kohya(model: nnx.Module, *, prefix: str = "lora_unet_", fold_scale: bool = True) -> dict[str, np.ndarray]:
-  """kohya-ss names: `lora_unet_<diffusers module, "." -> "_">.lora_down.weight` / `.lora_up.weight` /
-  `.alpha` (= rank, so alpha / rank = 1)."""
-  sd = {}
-  for name, (down, up, _) in _lora_matrices(model, fold_scale).items():
-    key = prefix + name.replace(".", "_")
-    sd[f"{key}.lora_down.weight"] = down
-    sd[f"{key}.lora_up.weight"] = up
-    sd[f"{key}.alpha"] = np.asarray(down.shape[0], np.float32)
-  return sd
-
-
-def save_lora_kohya(model: nnx.Module, path: str, *, fold_scale: bool = True) -> str:
-  sd = lora_to_kohya(model, fold_scale=fold_scale)
-  ranks = sorted({int(v.shape[0]) for k, v in sd.items() if k.endswith(".lora_down.weight")})
-  file = _weights_file(path, "lora.safetensors")
-  sources.save_safetensors(sd, file, metadata={"ss_network_module": "networks.lora",
-                                               "ss_network_dim": str(ranks[-1]), "ss_network_alpha": str(ranks[-1])})
-  return file
-
-
-def save_lora(model: nnx.Module, path: str) -> str:
-  """vcjax's own LoRA file: `<vcjax module path>.lora_down` (in, r) / `.lora_up` (r, out), float32, as
-  trained (the run-time LoRAScale is not stored); metadata format=vcjax-lora and rank."""
-  found = nn_lora.lora_arrays(model)
-  if not found:
-    raise CheckpointError("the model carries no LoRA to save")
-  sd = {}
-  for p, (down, up, _) in found.items():
-    sd[f"{p}.lora_down"], sd[f"{p}.lora_up"] = down, up
-  ranks = sorted({int(d.shape[1]) for d, _, _ in found.values()})
-  file = _weights_file(path, "lora.safetensors")
-  sources.save_safetensors(sd, file, metadata={"format": VCJAX_LORA_FORMAT,
-                                               "rank": ",".join(map(str, ranks))})
-  return file
-
-
-def is_vcjax_lora(path: str) -> bool:
-  """Whether `path` is a safetensors file written by `save_lora` (its metadata says format=vcjax-lora)."""
-  from vcjax.weights.lora import _safetensors_metadata
-  return os.path.isfile(path) and _safetensors_metadata(os.fspath(path)).get("format") == VCJAX_LORA_FORMAT
-
-
-def read_vcjax_lora(path: str) -> dict[str, LoRAWeight]:
-  """A file written by `save_lora` -> {diffusers module name: LoRAWeight(down (r, in), up (out, r), 1.0)},
-  the form of `read_lora(...)["unet"]`: pass it to `vcjax.nn.lora.load_lora` or `merge_lora`."""
-  sd = sources.read_state_dict(path)
-  pairs: dict[str, dict[str, np.ndarray]] = {}
-  bad = []
-  for key, value in sd.items():
-    module, _, role = key.rpartition(".")
-    if role not in ("lora_down", "lora_up") or not module or np.ndim(value) != 2:
-      bad.append(key)
-      continue
-    pairs.setdefault(module, {})[role] = np.asarray(value, np.float32)
-  bad += [m for m, d in pairs.items() if len(d) != 2]
-  if bad or not pairs:
-    shown = ", ".join(sorted(bad)[:6]) or "no keys"
-    raise CheckpointError(f"{path}: not a vcjax LoRA file (expected <module>.lora_down / .lora_up pairs; "
-                          f"{len(bad)} odd keys: {shown})")
-  out = {}
-  for module, d in sorted(pairs.items()):
-    down, up = d["lora_down"], d["lora_up"]
-    if down.shape[1] != up.shape[0]:
-      raise CheckpointError(f"{path}: LoRA of {module!r} has down {down.shape} and up {up.shape}")
-    out[nn_lora.diffusers_name(module)] = LoRAWeight(down=np.ascontiguousarray(down.T),
-                                                     up=np.ascontiguousarray(up.T), scale=1.0)
-  return out
-
-
-# ----------------------------------------------------------------------------- UNet
-
-
-def torch_shapes(model: nnx.Module, config=None) -> dict[str, tuple[int, ...]]:
-  """{diffusers key: PyTorch shape} of every nnx.Param of a vcjax model (kernels HWIO -> OIHW, linear
-  (in, out) -> (out, in), SpatialTransformer proj_in/out -> (out, in, 1, 1) unless use_linear_projection).
-  Buffers (the motion modules' pe) are not params; see `motion_pe_buffers`."""
-  config = config if config is not None else _config(model)
-  out = {}
-  for path, (shape, _) in keymaps.module_param_shapes(model).items():
-    module, _, name = path.rpartition(".")
-    key = nn_lora.diffusers_name(module) + (".bias" if name == "bias" else ".weight")
-    if name == "kernel" and len(shape) == 4:
-      out[key] = (shape[3], shape[2], shape[0], shape[1])
-    elif name == "kernel" and len(shape) == 2:
-      out[key] = (shape[1], shape[0], 1, 1) if _is_conv_1x1(module, config) else (shape[1], shape[0])
-    else:
-      out[key] = tuple(shape)
-  return out
 
 
 def motion_pe_buffers(model: nnx.Module) -> dict[str, np.ndarray]:
@@ -221,16 +44,12 @@ def unet_state_dict(model: nnx.Module, *, merge_lora: bool = False, buffers: boo
   dict: diffusers names, PyTorch layouts, float as stored. merge_lora: fold attached LoRAs (at their
   current scale) into the weights; otherwise they are left out. buffers: include the motion pe buffers
   (a strict `load_state_dict` into UNetMotionModel needs them)."""
-  shapes = torch_shapes(model)
+  shapes = keymaps.torch_shapes(model)
   sd = keymaps.export_state_dict(model, shapes)
   if len(sd) != len(shapes):
     raise CheckpointError(f"export: {len(shapes) - len(sd)} params could not be mapped to diffusers names")
   if merge_lora and nn_lora.lora_modules(model):
-    for name, (down, up, _) in _lora_matrices(model, fold_scale=True).items():
-      key = name + ".weight"
-      w = sd[key]
-      delta = up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)
-      sd[key] = (w.astype(np.float32) + delta.reshape(w.shape)).astype(w.dtype)
+    sd = lora_files.merge_lora(sd, lora_files.lora_weights(model, fold_scale=True))
   if buffers:
     sd.update(motion_pe_buffers(model))
   # Own, writable, C-ordered arrays (views of jax buffers are read-only; torch.from_numpy warns on those).
@@ -306,7 +125,7 @@ def save_unet(model: nnx.Module, path: str, *, merge_lora: bool = False) -> str:
   with other GroupNorm statistics (e.g. `original`: motion-module norm per frame) computes differently
   there, so that export logs a warning and records it (`export_info`)."""
   sd = unet_state_dict(model, merge_lora=merge_lora)
-  config = _config(model)
+  config = getattr(model, "config", None)
   info = export_info(config, merge_lora=merge_lora) if config is not None else None
   if info is not None and not info["diffusers_computes_the_same"]:
     msg = (f"export to {path}: the UNet runs with {info['norm_semantics']!r} norm semantics "
@@ -314,7 +133,7 @@ def save_unet(model: nnx.Module, path: str, *, merge_lora: bool = False) -> str:
            "the exported model computes differently in diffusers (recorded in the export's info)")
     log.warning(msg)
     warnings.warn(msg, stacklevel=2)
-  file = _weights_file(path, UNET_WEIGHT_NAME)
+  file = sources.weights_file(path, UNET_WEIGHT_NAME)
   meta = {"format": "pt"}
   if info is not None:
     meta["vcjax_export"] = json.dumps(info, sort_keys=True)

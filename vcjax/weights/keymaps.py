@@ -1,9 +1,10 @@
-"""Put a flat, diffusers-named PyTorch state dict into a vcjax (NNX) module.
+"""Put a flat, diffusers-named PyTorch state dict into a vcjax (NNX) module, and back.
 
 vcjax modules use diffusers' attribute names, so the mapping from a diffusers key to a vcjax parameter
 is mechanical:
   * module path: a few renames where a diffusers name is not a valid attribute (`to_out.0` -> `to_out`,
-    `ff.net.0.proj` -> `ff.proj_in`, `ff.net.2` -> `ff.proj_out`);
+    `ff.net.0.proj` -> `ff.proj_in`, `ff.net.2` -> `ff.proj_out`): `MODULE_RENAMES`, the one table
+    (LoRA names go through it too: `vcjax_name` / `diffusers_name`);
   * parameter: `weight` -> `kernel` (linear/conv), `scale` (norms) or `embedding` (embeddings),
     `bias` -> `bias`;
   * layout: conv OIHW -> HWIO, linear (out, in) -> (in, out); 1x1 convs and linears convert into each
@@ -15,22 +16,45 @@ into diffusers names by the modules that read them.
 from __future__ import annotations
 
 import re
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from vcjax.weights.errors import CheckpointError
 
-DIFFUSERS_RENAMES = (
-    (r"\.to_out\.0\.", ".to_out."),
-    (r"\.ff\.net\.0\.proj\.", ".ff.proj_in."),
-    (r"\.ff\.net\.2\.", ".ff.proj_out."),
-)
+# (diffusers module name, vcjax module name) where a diffusers name is not a valid attribute name.
+MODULE_RENAMES = (("to_out.0", "to_out"), ("ff.net.0.proj", "ff.proj_in"), ("ff.net.2", "ff.proj_out"))
+_TO_VCJAX = tuple((re.compile(r"\." + re.escape(d) + r"(?=\.|$)"), "." + v) for d, v in MODULE_RENAMES)
+_TO_DIFFUSERS = tuple((re.compile(r"\." + re.escape(v) + r"(?=\.|$)"), "." + d) for d, v in MODULE_RENAMES)
 
 _WEIGHT_NAMES = ("kernel", "scale", "embedding")
+# SpatialTransformer proj_in/proj_out: 1x1 convs in PyTorch unless use_linear_projection.
+_SPATIAL_PROJ = re.compile(r"(^|\.)attentions\.\d+\.proj_(in|out)$")
+
+
+def vcjax_name(name: str) -> str:
+  """diffusers module name -> vcjax module path (vcjax paths pass through unchanged)."""
+  n = "." + name
+  for pattern, repl in _TO_VCJAX:
+    n = pattern.sub(repl, n)
+  return n[1:]
+
+
+def diffusers_name(path: str) -> str:
+  """vcjax module path -> diffusers module name (`to_out` -> `to_out.0`, `ff.proj_in` -> `ff.net.0.proj`)."""
+  n = "." + path
+  for pattern, repl in _TO_DIFFUSERS:
+    n = pattern.sub(repl, n)
+  return n[1:]
+
+
+def is_torch_conv_1x1(module_path: str, config: Any) -> bool:
+  """Whether the PyTorch model has a 1x1 conv where vcjax has the Linear `module_path` (a SpatialTransformer's
+  proj_in/proj_out when the UNet config's `use_linear_projection` is False, as in SD1.5)."""
+  return (config is not None and not getattr(config, "use_linear_projection", True)
+          and bool(_SPATIAL_PROJ.search(module_path)))
 
 
 def module_param_shapes(module: nnx.Module) -> dict[str, tuple[tuple[int, ...], jnp.dtype]]:
@@ -86,13 +110,10 @@ def _summary(title: str, keys: list[str], limit: int = 8) -> str:
   return f"{len(keys)} {title}: {shown}"
 
 
-def diffusers_key_to_path(key: str, targets: Mapping[str, object],
-                          renames: Iterable[tuple[str, str]] = DIFFUSERS_RENAMES) -> str:
+def diffusers_key_to_path(key: str, targets: Mapping[str, object]) -> str:
   """The vcjax parameter path a diffusers key maps to ('' if its param name has no target)."""
-  k = "." + key
-  for pattern, repl in renames:
-    k = re.sub(pattern, repl, k)
-  module_path, _, name = k[1:].rpartition(".")
+  module_path, _, name = key.rpartition(".")
+  module_path = vcjax_name(module_path)
   if name == "weight":
     for candidate in _WEIGHT_NAMES:
       if f"{module_path}.{candidate}" in targets:
@@ -102,8 +123,7 @@ def diffusers_key_to_path(key: str, targets: Mapping[str, object],
 
 
 def load_state_dict(module: nnx.Module, state_dict: Mapping[str, np.ndarray], *, strict: bool = True,
-                    ignore: Iterable[str] = (), renames: Iterable[tuple[str, str]] = DIFFUSERS_RENAMES,
-                    dtype=None, what: str = "model") -> nnx.Module:
+                    ignore: Iterable[str] = (), dtype=None, what: str = "model") -> nnx.Module:
   """Copy a diffusers-named state dict into `module` (in place; also returned).
 
   strict: every module parameter must be given and every key used; otherwise only the keys that match
@@ -114,12 +134,11 @@ def load_state_dict(module: nnx.Module, state_dict: Mapping[str, np.ndarray], *,
   """
   targets = module_param_shapes(module)
   ignore_res = [re.compile(p) for p in ignore]
-  renames = tuple(renames)
   values, unexpected, mismatched, mismatched_paths = {}, [], [], set()
   for key, array in state_dict.items():
     if any(r.search(key) for r in ignore_res):
       continue
-    path = diffusers_key_to_path(key, targets, renames)
+    path = diffusers_key_to_path(key, targets)
     if path not in targets:
       unexpected.append(key)
       continue
@@ -152,28 +171,32 @@ def load_state_dict(module: nnx.Module, state_dict: Mapping[str, np.ndarray], *,
   return module
 
 
-def export_state_dict(module: nnx.Module, torch_shapes: Mapping[str, tuple[int, ...]],
-                      renames: Iterable[tuple[str, str]] = DIFFUSERS_RENAMES) -> dict[str, np.ndarray]:
+def torch_shapes(model: nnx.Module, config=None) -> dict[str, tuple[int, ...]]:
+  """{diffusers key: PyTorch shape} of every nnx.Param of a vcjax model (kernels HWIO -> OIHW, linear
+  (in, out) -> (out, in), SpatialTransformer proj_in/out -> (out, in, 1, 1) unless use_linear_projection).
+  Buffers (the motion modules' pe) are not params; see `vcjax.weights.export.motion_pe_buffers`."""
+  config = config if config is not None else getattr(model, "config", None)
+  out = {}
+  for path, (shape, _) in module_param_shapes(model).items():
+    module, _, name = path.rpartition(".")
+    key = diffusers_name(module) + (".bias" if name == "bias" else ".weight")
+    if name == "kernel" and len(shape) == 4:
+      out[key] = (shape[3], shape[2], shape[0], shape[1])
+    elif name == "kernel" and len(shape) == 2:
+      out[key] = (shape[1], shape[0], 1, 1) if is_torch_conv_1x1(module, config) else (shape[1], shape[0])
+    else:
+      out[key] = tuple(shape)
+  return out
+
+
+def export_state_dict(module: nnx.Module, torch_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
   """vcjax params -> diffusers-named numpy arrays in PyTorch layout, for the keys of `torch_shapes`."""
   targets = module_param_shapes(module)
   params = {".".join(str(p) for p in path): np.asarray(var.get_value())
             for path, var in nnx.to_flat_state(nnx.state(module, nnx.Param))}
   out = {}
   for key, shape in torch_shapes.items():
-    path = diffusers_key_to_path(key, targets, renames)
+    path = diffusers_key_to_path(key, targets)
     if path in params:
       out[key] = to_torch_layout(params[path], shape, name=path.rpartition(".")[2])
   return out
-
-
-def abstract_module(factory):
-  """Build a module without allocating or initialising its weights (they get loaded next)."""
-  return nnx.eval_shape(factory)
-
-
-def materialize(module: nnx.Module) -> nnx.Module:
-  """Give every parameter of an abstract module a zero array, so that it can be loaded into."""
-  state = nnx.state(module)
-  state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), state)
-  nnx.update(module, state)
-  return module

@@ -194,7 +194,7 @@ def assemble(base: str, motion_module: str | None = None, *, tokenizer: str | No
       raise CheckpointError(f"{path}: none of its {len(override)} keys names a UNet weight")
     pipe.unet.update(known)
   if loras:
-    from vcjax.weights import lora as lora_files
+    from vcjax.weights import lora_files
     for path, scale in loras:
       parsed = lora_files.read_lora(path, {k.rpartition(".")[0] for k in pipe.unet},
                                     config=pipe.unet_config)

@@ -131,6 +131,17 @@ def save_safetensors(state_dict: Mapping[str, np.ndarray], path: str | os.PathLi
 # ----------------------------------------------------------------------------- single files
 
 
+def weights_file(path: str | os.PathLike, default_name: str) -> str:
+  """Where to write weights: `path` itself if it names a *.safetensors file (its folder created), else
+  `path/default_name` (the folder created)."""
+  path = os.fspath(path)
+  if path.endswith(".safetensors"):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    return path
+  os.makedirs(path, exist_ok=True)
+  return os.path.join(path, default_name)
+
+
 def _is_safetensors(path: str) -> bool:
   if path.endswith(".safetensors"):
     return True

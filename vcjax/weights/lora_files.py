@@ -1,4 +1,9 @@
-"""Read LoRA files of every common flavour into one form, and merge them into a diffusers-named state dict.
+"""LoRA files, every flavour, in and out: read them into one form (`read_lora` -> {module: LoRAWeight}), merge
+them into a diffusers-named state dict (`merge_lora`, the one merge of PyTorch-layout weights: conversion and
+export both call it), attach them to a vcjax model unmerged (`load_lora`, `load_lora_file`, through
+vcjax.nn.lora.attach_loras) and write a model's LoRAs (`save_lora_peft`, `save_lora_kohya`, `save_lora`).
+Module names go through the one rename table (vcjax.weights.keymaps.vcjax_name / diffusers_name) and
+matrices through the one layout conversion (`to_flax` / `to_torch`).
 
 Flavours (METHODS.md §2), told apart by their key suffixes:
   * diffusers / PEFT: `<module>.lora_A.weight` (down) / `.lora_B.weight` (up), optionally prefixed `unet.`,
@@ -15,6 +20,20 @@ Flavours (METHODS.md §2), told apart by their key suffixes:
 An underscore (kohya) name is never split by guessing where a "." was: it is looked up in a table made
 from the target model's real module names (and their LDM names), so names that contain "_" resolve
 exactly. Everything is numpy; down/up keep PyTorch layout: down (r, in[, kh, kw]), up (out, r[, 1, 1]).
+
+Writing (a model's attached LoRAs):
+
+    save_lora_peft(unet, "out/")        # out/pytorch_lora_weights.safetensors, `unet.<module>.lora_A.weight`:
+                                        #   pipe.load_lora_weights("out/") / unet.load_lora_adapter(..., prefix="unet")
+    save_lora_kohya(unet, "x.safetensors")  # lora_unet_<module with _>.lora_down/.lora_up/.alpha (alpha = rank)
+    save_lora(unet, "x.safetensors")    # vcjax's own: <vcjax path>.lora_down (in, r) / .lora_up (r, out)
+    read_vcjax_lora("x.safetensors")    # -> {diffusers module name: LoRAWeight}, as read_lora(...)["unet"]
+
+Exports fold each layer's current run-time LoRAScale into `up` (so a LoRA trained at scale 1 exports as
+trained) and write alpha = rank, i.e. scale 1 in every reader. A LoRA on a SpatialTransformer's
+proj_in/proj_out is written as a 1x1-conv LoRA when the PyTorch model has convolutions there
+(`use_linear_projection` False, SD1.5). vcjax LoRA files feed `load_lora` (run time) and `merge_lora`
+(merged) directly; to merge one with the converter CLI, export it to PEFT.
 """
 
 from __future__ import annotations
@@ -23,12 +42,19 @@ import json
 import math
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 import numpy as np
+from flax import nnx
 
+from vcjax.nn import lora as nn_lora
+from vcjax.weights import keymaps, sources
 from vcjax.weights.errors import CheckpointError
+
+PEFT_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes
+VCJAX_LORA_FORMAT = "vcjax-lora"
 
 
 @dataclass
@@ -142,8 +168,7 @@ def _load(source) -> tuple[str, dict[str, np.ndarray], dict[str, dict]]:
     if not found:
       raise CheckpointError(f"{path}: no LoRA file in this folder (looked for {', '.join(_LORA_FILES)})")
     path = found[0]
-  from vcjax.weights.sources import read_state_dict
-  return path, read_state_dict(path), _adapter_configs(path)
+  return path, sources.read_state_dict(path), _adapter_configs(path)
 
 
 def _config_scale(config: Mapping | None, module: str, rank: int) -> float:
@@ -341,4 +366,175 @@ def merge_lora(state_dict: Mapping[str, Any], loras: Mapping[str, LoRAWeight],
                             f"shape {w.shape}")
     merged = w.astype(np.float32) + np.float32(scale * lw.scale) * delta.reshape(w.shape)
     out[key] = merged.astype(w.dtype)
+  return out
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+def to_flax(lw: LoRAWeight) -> tuple[np.ndarray, np.ndarray]:
+  """PyTorch layout -> vcjax's: (down (in, r), up (r, out)) float32, `lw.scale` folded into up. A 1x1-conv
+  LoRA is a linear one; other convs stay 4-D (they cannot apply at run time; merge them)."""
+  down, up = np.asarray(lw.down, np.float32), np.asarray(lw.up, np.float32)
+  if down.ndim == 4 and down.shape[2:] == (1, 1) and up.ndim == 4 and up.shape[2:] == (1, 1):
+    down, up = down[:, :, 0, 0], up[:, :, 0, 0]
+  if down.ndim != 2 or up.ndim != 2:
+    return down, up
+  return down.T, up.T * np.float32(lw.scale)
+
+
+def to_torch(down, up, *, scale: float = 1.0, conv: bool = False) -> LoRAWeight:
+  """vcjax layout -> PyTorch's: down (in, r) / up (r, out) -> LoRAWeight(down (r, in), up (out, r)), with
+  `scale` multiplied into up (LoRAWeight.scale 1); conv: as a 1x1-conv LoRA (r, in, 1, 1) / (out, r, 1, 1)."""
+  down_t = np.ascontiguousarray(np.asarray(down, np.float32).T)
+  up_t = np.ascontiguousarray(np.asarray(up, np.float32).T * np.float32(scale))
+  if conv:
+    down_t, up_t = down_t[:, :, None, None], up_t[:, :, None, None]
+  return LoRAWeight(down=down_t, up=up_t, scale=1.0)
+
+
+# ----------------------------------------------------------------------------- run time (unmerged)
+
+
+def load_lora(model: nnx.Module, loras: Mapping[str, LoRAWeight], *, scale: float = 1.0, replace: bool = False,
+              dtype=None) -> list[str]:
+  """Attach LoRAs read from a file to `model`, unmerged (vcjax.nn.lora.attach_loras). Returns the sorted vcjax
+  paths.
+
+  loras: {module name: LoRAWeight} as `read_lora(...)["unet"]` or `read_vcjax_lora(path)` give (diffusers or
+    vcjax names; PyTorch layout; `.scale` = the file's alpha/rank, folded into lora_up). `scale` becomes
+    every layer's run-time LoRAScale.
+  replace: allow replacing a LoRA already on a layer (else that is an error).
+  """
+  adapters = {keymaps.vcjax_name(name): to_flax(lw) for name, lw in loras.items()}
+  kwargs = {} if dtype is None else {"dtype": dtype}
+  return nn_lora.attach_loras(model, adapters, scale=scale, replace=replace, **kwargs)
+
+
+def load_lora_file(model: nnx.Module, path: str, *, scale: float = 1.0, replace: bool = False) -> list[str]:
+  """Read a LoRA file of any flavour vcjax knows (its own `save_lora` format, diffusers/PEFT, kohya,
+  AnimateDiff processor LoRAs) and attach its UNet part to `model` unmerged (see `load_lora`)."""
+  if is_vcjax_lora(path):
+    loras = read_vcjax_lora(path)
+  else:
+    names = module_names(keymaps.torch_shapes(model))
+    loras = read_lora(path, names, config=getattr(model, "config", None))["unet"]
+  if not loras:
+    raise nn_lora.LoRAError(f"{path}: holds no LoRA for this model")
+  return load_lora(model, loras, scale=scale, replace=replace)
+
+
+def lora_weights(model: nnx.Module, *, fold_scale: bool = True) -> dict[str, LoRAWeight]:
+  """The model's attached LoRAs as {diffusers module name: LoRAWeight} in PyTorch layout (1x1-conv shaped where
+  the PyTorch model has a conv), ready for `merge_lora` or a file. fold_scale: each layer's current LoRAScale
+  multiplied into `up` (else left out: the matrices as trained)."""
+  found = nn_lora.lora_arrays(model)
+  if not found:
+    raise CheckpointError("the model carries no LoRA to export (attach one with vcjax.nn.lora.add_lora or "
+                          "vcjax.weights.lora_files.load_lora)")
+  config = getattr(model, "config", None)
+  return {keymaps.diffusers_name(path): to_torch(down, up, scale=s if fold_scale else 1.0,
+                                                 conv=keymaps.is_torch_conv_1x1(path, config))
+          for path, (down, up, s) in found.items()}
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def lora_to_peft(model: nnx.Module, *, prefix: str = "unet", fold_scale: bool = True
+                 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  """(state dict, PEFT adapter config) of the model's LoRAs in diffusers' format:
+  `<prefix>.<diffusers module>.lora_A.weight` (r, in) / `.lora_B.weight` (out, r); lora_alpha = r."""
+  weights = lora_weights(model, fold_scale=fold_scale)
+  head = f"{prefix}." if prefix else ""
+  sd, ranks = {}, {}
+  for name, lw in weights.items():
+    sd[f"{head}{name}.lora_A.weight"] = lw.down
+    sd[f"{head}{name}.lora_B.weight"] = lw.up
+    ranks[name] = lw.rank
+  r = Counter(ranks.values()).most_common(1)[0][0]
+  pattern = {n: k for n, k in ranks.items() if k != r}
+  config = {"r": r, "lora_alpha": r, "rank_pattern": pattern, "alpha_pattern": dict(pattern),
+            "target_modules": sorted(weights), "lora_dropout": 0.0, "bias": "none", "use_dora": False,
+            "use_rslora": False, "init_lora_weights": True}
+  return sd, config
+
+
+def save_lora_peft(model: nnx.Module, path: str, *, prefix: str = "unet", fold_scale: bool = True) -> str:
+  """Write the model's LoRAs as diffusers' `save_lora_weights` does (a folder gets
+  pytorch_lora_weights.safetensors; a *.safetensors path is used as is). The adapter config goes into the
+  safetensors metadata (`lora_adapter_metadata`, keys prefixed with `prefix.`). Returns the file."""
+  sd, config = lora_to_peft(model, prefix=prefix, fold_scale=fold_scale)
+  meta = {f"{prefix}.{k}" if prefix else k: v for k, v in config.items()}
+  file = sources.weights_file(path, PEFT_WEIGHT_NAME)
+  sources.save_safetensors(sd, file, metadata={"format": "pt",
+                                               "lora_adapter_metadata": json.dumps(meta, indent=2, sort_keys=True)})
+  return file
+
+
+def lora_to_kohya(model: nnx.Module, *, prefix: str = "lora_unet_", fold_scale: bool = True) -> dict[str, np.ndarray]:
+  """kohya-ss names: `lora_unet_<diffusers module, "." -> "_">.lora_down.weight` / `.lora_up.weight` /
+  `.alpha` (= rank, so alpha / rank = 1)."""
+  sd = {}
+  for name, lw in lora_weights(model, fold_scale=fold_scale).items():
+    key = prefix + name.replace(".", "_")
+    sd[f"{key}.lora_down.weight"] = lw.down
+    sd[f"{key}.lora_up.weight"] = lw.up
+    sd[f"{key}.alpha"] = np.asarray(lw.rank, np.float32)
+  return sd
+
+
+def save_lora_kohya(model: nnx.Module, path: str, *, fold_scale: bool = True) -> str:
+  sd = lora_to_kohya(model, fold_scale=fold_scale)
+  ranks = sorted({int(v.shape[0]) for k, v in sd.items() if k.endswith(".lora_down.weight")})
+  file = sources.weights_file(path, "lora.safetensors")
+  sources.save_safetensors(sd, file, metadata={"ss_network_module": "networks.lora",
+                                               "ss_network_dim": str(ranks[-1]), "ss_network_alpha": str(ranks[-1])})
+  return file
+
+
+def save_lora(model: nnx.Module, path: str) -> str:
+  """vcjax's own LoRA file: `<vcjax module path>.lora_down` (in, r) / `.lora_up` (r, out), float32, as
+  trained (the run-time LoRAScale is not stored); metadata format=vcjax-lora and rank."""
+  found = nn_lora.lora_arrays(model)
+  if not found:
+    raise CheckpointError("the model carries no LoRA to save")
+  sd = {}
+  for p, (down, up, _) in found.items():
+    sd[f"{p}.lora_down"], sd[f"{p}.lora_up"] = down, up
+  ranks = sorted({int(d.shape[1]) for d, _, _ in found.values()})
+  file = sources.weights_file(path, "lora.safetensors")
+  sources.save_safetensors(sd, file, metadata={"format": VCJAX_LORA_FORMAT,
+                                               "rank": ",".join(map(str, ranks))})
+  return file
+
+
+def is_vcjax_lora(path: str) -> bool:
+  """Whether `path` is a safetensors file written by `save_lora` (its metadata says format=vcjax-lora)."""
+  return os.path.isfile(path) and _safetensors_metadata(os.fspath(path)).get("format") == VCJAX_LORA_FORMAT
+
+
+def read_vcjax_lora(path: str) -> dict[str, LoRAWeight]:
+  """A file written by `save_lora` -> {diffusers module name: LoRAWeight(down (r, in), up (out, r), 1.0)},
+  the form of `read_lora(...)["unet"]`: pass it to `load_lora` or `merge_lora`."""
+  sd = sources.read_state_dict(path)
+  pairs: dict[str, dict[str, np.ndarray]] = {}
+  bad = []
+  for key, value in sd.items():
+    module, _, role = key.rpartition(".")
+    if role not in ("lora_down", "lora_up") or not module or np.ndim(value) != 2:
+      bad.append(key)
+      continue
+    pairs.setdefault(module, {})[role] = np.asarray(value, np.float32)
+  bad += [m for m, d in pairs.items() if len(d) != 2]
+  if bad or not pairs:
+    shown = ", ".join(sorted(bad)[:6]) or "no keys"
+    raise CheckpointError(f"{path}: not a vcjax LoRA file (expected <module>.lora_down / .lora_up pairs; "
+                          f"{len(bad)} odd keys: {shown})")
+  out = {}
+  for module, d in sorted(pairs.items()):
+    down, up = d["lora_down"], d["lora_up"]
+    if down.shape[1] != up.shape[0]:
+      raise CheckpointError(f"{path}: LoRA of {module!r} has down {down.shape} and up {up.shape}")
+    out[keymaps.diffusers_name(module)] = to_torch(down, up)
   return out
