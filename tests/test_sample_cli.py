@@ -105,3 +105,22 @@ def test_scheduler_fields_override_by_name_and_unsupported_ones_fail(base_config
   cfg.scheduler.timestep_spacing = "sideways"
   with pytest.raises(ValueError, match="timestep_spacing='sideways' is not supported"):
     sample.run(cfg)
+
+
+@pytest.mark.slow  # two sample.py subprocesses
+def test_repeat_run_loads_every_program_from_the_compilation_cache(converted, tmp_path):
+  cache = tmp_path / "cache"
+  cmd = [sys.executable, os.path.join(ROOT, "sample.py"), "--config", os.path.join(ROOT, "configs/sample_animatediff.py"),
+         f"--config.model={converted}", "--config.height=32", "--config.width=48", "--config.num_frames=3",
+         "--config.steps=2", f"--config.output={tmp_path / 'v.mp4'}", f"--config.compilation_cache={cache}"]
+  for run in range(2):
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    entries = sorted(os.listdir(cache))
+    if run == 0:
+      first = entries
+      assert len(first) >= 3  # at least the text encoder, the sampler step and the VAE decode
+  assert entries == first  # the second run compiled nothing new: every program came from the cache
+  proc = subprocess.run(cmd[:-1] + ["--config.compilation_cache="], capture_output=True, text=True, timeout=600,
+                        cwd=ROOT)
+  assert proc.returncode == 0 and sorted(os.listdir(cache)) == first

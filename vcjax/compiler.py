@@ -196,3 +196,26 @@ def jit(fun=None, *, options: bool = True, **kwargs):
   if fun is None:
     return functools.partial(jit, options=options, **kwargs)
   return _LazyJit(fun, kwargs, options)
+
+
+# --------------------------------------------------------------------------------------------------
+# JAX's persistent compilation cache, for repeat runs of the CLIs.
+
+DEFAULT_CACHE = os.path.join("~", ".cache", "vcjax", "jax")
+
+
+def use_compilation_cache(folder: str | None = DEFAULT_CACHE, *, min_compile_seconds: float = 0.2) -> str | None:
+  """Turn on JAX's persistent compilation cache in `folder` (created; "~" expanded); "" or None: off.
+
+  A second run of the same command with the same shapes loads its executables instead of compiling them
+  (the key covers the program, the compile options and XLA_FLAGS, so a changed model or flag recompiles).
+  Programs that compile faster than `min_compile_seconds` are not worth a file. -> the folder used, or None."""
+  if not folder:
+    return None
+  import jax
+  folder = os.path.abspath(os.path.expanduser(folder))
+  os.makedirs(folder, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", folder)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_seconds)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  return folder

@@ -96,9 +96,9 @@ def add_tokens(tokenizer, text_encoder, embeddings: Mapping[str, np.ndarray]) ->
 def expand_prompt(tokenizer, prompt: str) -> str:
   """diffusers' `TextualInversionLoaderMixin.maybe_convert_prompt`: every added token "t" of the prompt
   that has companions t_1, t_2, ... (a multi-vector embedding) becomes "t t_1 t_2 ..."."""
-  added = getattr(tokenizer, "added_tokens_encoder", None)
-  if not added:
-    return prompt
+  added = getattr(tokenizer, "added_tokens_encoder", None) or {}
+  if not any(f"{token}_1" in added for token in added):  # no multi-vector token: nothing to expand (and no
+    return prompt                                          # tokenizer call warning about over-long prompts)
   for token in set(tokenizer.tokenize(prompt)):
     if token in added:
       replacement, i = token, 1
