@@ -89,7 +89,7 @@ def test_defaults_are_animatediff():
   assert S.SchedulerConfig.from_dict(dict(d)) == c
   assert S.SchedulerConfig.from_dict(dict(make_dpm(c, 25).config)) == c
   with pytest.raises(ValueError):
-    S.SchedulerConfig.from_dict({"use_karras_sigmas": True})
+    S.SchedulerConfig.from_dict({"use_exponential_sigmas": True})
   with pytest.raises(ValueError):
     S.SchedulerConfig(timestep_spacing="karras")
 
@@ -251,6 +251,6 @@ def test_step_errors():
   with pytest.raises(ValueError):
     S.make_scheduler("ddim", cfg, 10, eta=1.0).step((), X_INIT, 0, X_INIT)
   with pytest.raises(ValueError):
-    S.make_scheduler("euler", cfg, 10)
+    S.make_scheduler("heun", cfg, 10)
   with pytest.raises(ValueError):
     S.ddim_timesteps(cfg, 0)

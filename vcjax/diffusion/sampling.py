@@ -61,7 +61,8 @@ def denoise_step(graphdef, params, latents, sched_state, i, *, scheduler: Schedu
     params = with_lora_scale(params, lora_scales[i])
   unet = nnx.merge(graphdef, params)
   t = scheduler.timestep(i)
-  eps = guided_eps(unet, latents, t, cond, uncond, guidance_scale if use_cfg else None, reference)
+  eps = guided_eps(unet, scheduler.scale_input(latents, i), t, cond, uncond, guidance_scale if use_cfg else None,
+                   reference)
   noise = None
   if scheduler.needs_noise:
     noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), latents.shape[1:]))(noise_keys)

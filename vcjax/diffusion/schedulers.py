@@ -1,4 +1,5 @@
-"""Noise schedules and samplers (DDIM, DPM-Solver++ 2M) as pure functions of arrays.
+"""Noise schedules and samplers (DDIM, DPM-Solver++ 2M) as pure functions of arrays; Euler, Euler ancestral
+(`sigma_schedulers`) and LCM (`lcm`) live next to this module and share its `Scheduler` interface.
 
 Everything that depends on the step is precomputed once, on the host, into small per-step tables
 (`DDIMTables`, `DPMTables`: NamedTuples of float32 arrays of length num_steps), so a step is a few
@@ -34,7 +35,7 @@ BETA_SCHEDULES = ("linear", "scaled_linear")
 TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
-SCHEDULERS = ("ddim", "dpmsolver++")
+SCHEDULERS = ("ddim", "dpmsolver++", "euler", "euler_a", "lcm")
 
 _f32 = np.float32
 
@@ -56,6 +57,11 @@ class SchedulerConfig:
   lower_order_final: bool = True
   final_sigmas_type: str = "zero"
   algorithm_type: str = "dpmsolver++"
+  # DPM-Solver++ and Euler: Karras et al.'s sigmas (rho 7) between the schedule's extreme sigmas.
+  use_karras_sigmas: bool = False
+  # LCM only (diffusers' LCMScheduler defaults).
+  original_inference_steps: int = 50
+  timestep_scaling: float = 10.0
 
   def __post_init__(self):
     for name, allowed in (("beta_schedule", BETA_SCHEDULES), ("timestep_spacing", TIMESTEP_SPACINGS),
@@ -72,9 +78,11 @@ class SchedulerConfig:
   # diffusers scheduler options we do not implement: reading a config that turns one on must fail loudly
   # rather than sample with a silently different schedule. Value = the only accepted setting.
   _UNSUPPORTED = {"trained_betas": None, "rescale_betas_zero_snr": False, "thresholding": False,
-                  "use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
+                  "use_exponential_sigmas": False, "use_beta_sigmas": False,
                   "use_lu_lambdas": False, "use_flow_sigmas": False, "euler_at_final": False,
-                  "solver_type": "midpoint", "variance_type": None, "use_dynamic_shifting": False}
+                  "solver_type": "midpoint", "variance_type": None, "use_dynamic_shifting": False,
+                  "interpolation_type": "linear", "timestep_type": "discrete", "sigma_min": None,
+                  "sigma_max": None}
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "SchedulerConfig":
@@ -252,7 +260,11 @@ def ddim_step(config: SchedulerConfig, tables: DDIMTables, eps, step_index, x, *
 
 
 def dpm_timesteps(config: SchedulerConfig, num_steps: int) -> np.ndarray:
-  """The `(num_steps,)` int64 timesteps of DPMSolverMultistepScheduler.set_timesteps (no karras sigmas)."""
+  """The `(num_steps,)` int64 timesteps of DPMSolverMultistepScheduler.set_timesteps."""
+  return _dpm_schedule(config, num_steps)[0]
+
+
+def _spaced_dpm_timesteps(config: SchedulerConfig, num_steps: int) -> np.ndarray:
   _check_num_steps(config, num_steps)
   n_train = config.num_train_timesteps  # == diffusers' last_timestep when lambda_min_clipped = -inf
   if config.timestep_spacing == "linspace":
@@ -263,6 +275,51 @@ def dpm_timesteps(config: SchedulerConfig, num_steps: int) -> np.ndarray:
   else:  # trailing
     ts = np.arange(n_train, 0, -n_train / num_steps).round().astype(np.int64) - 1
   return ts.copy()
+
+
+def train_sigmas(config: SchedulerConfig) -> np.ndarray:
+  """sigma_t = ((1 - alpha_bar_t) / alpha_bar_t) ** 0.5 of the VE view, `(num_train_timesteps,)` float32."""
+  ac = alphas_cumprod(config)
+  return np.sqrt((_f32(1) - ac) / ac)
+
+
+def final_sigma(config: SchedulerConfig) -> np.float32:
+  """The sigma after the last step: 0, or ("sigma_min") the sigma of training timestep 0."""
+  return _f32(0) if config.final_sigmas_type == "zero" else train_sigmas(config)[0]
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int) -> np.ndarray:
+  """Karras et al. (2022) sigmas, rho = 7, float64 `(num_steps,)` descending (diffusers' _convert_to_karras)."""
+  rho = 7.0
+  ramp = np.linspace(0, 1, num_steps)
+  min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+  return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+
+
+def sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
+  """Fractional timesteps of sigmas by linear interpolation in log sigma (diffusers' _sigma_to_t, vectorized;
+  elementwise the same numpy operations). log_sigmas: np.log of the float32 `train_sigmas`."""
+  sigma = np.asarray(sigma, np.float64)
+  log_sigma = np.log(np.maximum(sigma, 1e-10))
+  dists = log_sigma - log_sigmas[:, np.newaxis]
+  low_idx = np.cumsum((dists >= 0), axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+  high_idx = low_idx + 1
+  low, high = log_sigmas[low_idx], log_sigmas[high_idx]
+  w = np.clip((low - log_sigma) / (low - high), 0, 1)
+  return ((1 - w) * low_idx + w * high_idx).reshape(sigma.shape)
+
+
+def _dpm_schedule(config: SchedulerConfig, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
+  """-> (timesteps int64 `(N,)`, sigmas float32 `(N + 1,)` ending with the final sigma)."""
+  train = train_sigmas(config)
+  if config.use_karras_sigmas:  # rounded timesteps of the Karras sigmas (which may repeat at few steps)
+    _check_num_steps(config, num_steps)
+    sig = karras_sigmas(train[0].item(), train[-1].item(), num_steps)
+    ts = sigma_to_t(sig, np.log(train)).round().astype(np.int64)
+  else:
+    ts = _spaced_dpm_timesteps(config, num_steps)
+    sig = np.interp(ts, np.arange(len(train)), train)  # train[ts], clamped at the end as diffusers
+  return ts, np.concatenate([sig, [final_sigma(config)]]).astype(_f32)
 
 
 class DPMTables(NamedTuple):
@@ -289,12 +346,7 @@ def _exp32(x: np.ndarray) -> np.ndarray:
 def dpm_tables(config: SchedulerConfig, num_steps: int) -> DPMTables:
   # diffusers' float32 operations in diffusers' order, each correctly rounded (torch's float32
   # sqrt/log/exp are sometimes an ulp off; that, not the formulas, is the remaining ~1e-7 difference).
-  ac = alphas_cumprod(config)
-  ts = dpm_timesteps(config, num_steps)
-  # sigma of the VE view, ((1 - alpha_bar) / alpha_bar) ** 0.5, at the timesteps, then the final sigma.
-  sig = np.sqrt((_f32(1) - ac) / ac)[ts]
-  sig_last = _f32(0) if config.final_sigmas_type == "zero" else np.sqrt((_f32(1) - ac[0]) / ac[0])
-  sig = np.concatenate([sig, [sig_last]]).astype(_f32)  # (N + 1,)
+  sig = _dpm_schedule(config, num_steps)[1]
   alpha = _f32(1) / np.sqrt(sig * sig + _f32(1))  # -> (alpha_t, sigma_t) of the VP process
   sigma = sig * alpha
   lam = _log32(alpha) - _log32(sigma)  # half log-SNR; +inf at sigma 0
@@ -354,14 +406,15 @@ class Scheduler:
   """A scheduler bound to a number of steps. A pytree (tables are leaves; name/config/eta static), so it
   can be closed over or passed to a jitted function.
 
-  Loop: x = noise * init_noise_sigma; state = s.init_state(x); for i: eps = model(x, s.timestep(i));
-  x, state = s.step(state, eps, i, x, key_i). Split the key per step yourself (e.g. fold_in(key, i)).
+  Loop: x = noise * init_noise_sigma; state = s.init_state(x); for i: eps = model(s.scale_input(x, i),
+  s.timestep(i)); x, state = s.step(state, eps, i, x, key_i). Split the key per step yourself (e.g.
+  fold_in(key, i)). Stochastic steps (DDIM eta > 0, Euler ancestral, LCM: `needs_noise`) take `noise`.
   """
-  name: str
+  name: str  # "ddim" | "dpmsolver++" | "euler" | "euler_a" | "lcm"
   config: SchedulerConfig
   eta: float
-  timesteps: Any  # (num_steps,) int64 numpy outside jit
-  tables: Any  # DDIMTables | DPMTables
+  timesteps: Any  # (num_steps,) numpy outside jit: int64, or float32 for Euler (fractional timesteps)
+  tables: Any  # DDIMTables | DPMTables | EulerTables | LCMTables
   init_noise_sigma: float = 1.0
 
   @property
@@ -369,43 +422,76 @@ class Scheduler:
     return int(np.shape(self.timesteps)[0])
 
   def timestep(self, i) -> jax.Array:
-    """timesteps[i] as an int32 array; i may be traced."""
-    return jnp.asarray(self.timesteps, jnp.int32)[i]
+    """timesteps[i] as an int32 (float32 for Euler's fractional timesteps) array; i may be traced."""
+    floating = jnp.issubdtype(jnp.asarray(self.timesteps).dtype, jnp.floating)
+    return jnp.asarray(self.timesteps, jnp.float32 if floating else jnp.int32)[i]
 
   def init_state(self, x=None):
     """The loop state. Pass the initial latents when the loop is a lax loop (fixed carry shapes)."""
-    if self.name == "ddim":
+    if self.name != "dpmsolver++":
       return ()
     return dpm_init_state(jnp.zeros(()) if x is None else x)  # scalar: fine for Python loops
 
   @property
   def needs_noise(self) -> bool:
-    return self.name == "ddim" and self.eta != 0
+    return (self.name == "ddim" and self.eta != 0) or self.name in ("euler_a", "lcm")
+
+  def scale_input(self, x, i):
+    """The model input at step i (diffusers' scale_model_input): x / sqrt(sigma^2 + 1) for Euler, else x."""
+    if self.name in ("euler", "euler_a"):
+      from vcjax.diffusion.sigma_schedulers import euler_scale_input
+      return euler_scale_input(self.tables, x, i)
+    return x
 
   def step(self, state, eps, i, x, key=None, *, noise=None):
-    """(x, state) -> (x_prev, new_state). DDIM with eta > 0 needs either `noise` (standard normal,
-    shape of x; e.g. drawn per video so a seed's video does not depend on its batch) or a PRNG `key`."""
+    """(x, state) -> (x_prev, new_state). Stochastic steps need either `noise` (standard normal, shape of
+    x; e.g. drawn per video so a seed's video does not depend on its batch) or a PRNG `key`."""
+    if self.needs_noise and noise is None:
+      if key is None:
+        raise ValueError(f"{self.name} (stochastic) needs `noise` or a PRNG key per step")
+      noise = jax.random.normal(key, jnp.shape(x), jnp.float32)
     if self.name == "ddim":
-      if self.eta != 0 and noise is None:
-        if key is None:
-          raise ValueError("DDIM with eta > 0 needs a PRNG key per step")
-        noise = jax.random.normal(key, jnp.shape(x), jnp.float32)
       x_prev, _ = ddim_step(self.config, self.tables, eps, i, x, eta=self.eta, noise=noise)
       return x_prev, state
-    return dpm_step(self.config, self.tables, state, eps, i, x)
+    if self.name == "dpmsolver++":
+      return dpm_step(self.config, self.tables, state, eps, i, x)
+    if self.name == "lcm":
+      from vcjax.diffusion.lcm import lcm_step
+      return lcm_step(self.config, self.tables, eps, i, x, noise)[0], state
+    from vcjax.diffusion.sigma_schedulers import euler_step
+    return euler_step(self.config, self.tables, eps, i, x, noise=noise)[0], state
+
+
+_ALIASES = {"ddim": "ddim", "dpm": "dpmsolver++", "dpm++": "dpmsolver++", "dpmsolver++": "dpmsolver++",
+            "dpmsolver++2m": "dpmsolver++", "dpmsolvermultistep": "dpmsolver++", "euler": "euler",
+            "eulerdiscrete": "euler", "eulera": "euler_a", "eulerancestral": "euler_a",
+            "eulerancestraldiscrete": "euler_a", "lcm": "lcm"}
 
 
 def make_scheduler(name: str, config: SchedulerConfig | None = None, num_steps: int = 25, *,
                    eta: float = 0.0) -> Scheduler:
-  """name: "ddim" or "dpmsolver++" (aliases "dpm", "dpm++", "dpmsolver++2m"). eta: DDIM only."""
+  """name: "ddim", "dpmsolver++" (aliases "dpm", "dpm++", "dpmsolver++2m"; Karras sigmas with
+  config.use_karras_sigmas), "euler" (also Karras sigmas), "euler_a" ("euler_ancestral") or "lcm".
+  eta: DDIM only."""
   config = config or SchedulerConfig()
-  key = name.lower().replace("_", "").replace("-", "")
+  key = _ALIASES.get(name.lower().replace("_", "").replace("-", ""))
+  if key is None:
+    raise ValueError(f"unknown scheduler {name!r}; expected one of {SCHEDULERS}")
+  if eta and key != "ddim":
+    raise ValueError("eta is a DDIM option")
+  if config.use_karras_sigmas and key not in ("dpmsolver++", "euler"):
+    raise ValueError(f"use_karras_sigmas is not an option of {key} (diffusers has none)")
   if key == "ddim":
     return Scheduler("ddim", config, float(eta), ddim_timesteps(config, num_steps),
                      ddim_tables(config, num_steps))
-  if key in ("dpm", "dpm++", "dpmsolver++", "dpmsolver++2m", "dpmsolvermultistep"):
-    if eta:
-      raise ValueError("eta is a DDIM option")
-    return Scheduler("dpmsolver++", config, 0.0, dpm_timesteps(config, num_steps),
-                     dpm_tables(config, num_steps))
-  raise ValueError(f"unknown scheduler {name!r}; expected one of {SCHEDULERS}")
+  if key == "dpmsolver++":
+    ts, _ = _dpm_schedule(config, num_steps)
+    return Scheduler("dpmsolver++", config, 0.0, ts, dpm_tables(config, num_steps))
+  if key == "lcm":
+    from vcjax.diffusion.lcm import lcm_tables, lcm_timesteps
+    return Scheduler("lcm", config, 0.0, lcm_timesteps(config, num_steps), lcm_tables(config, num_steps))
+  from vcjax.diffusion.sigma_schedulers import euler_schedule, euler_tables
+  ancestral = key == "euler_a"
+  ts, sigmas, init_sigma = euler_schedule(config, num_steps, ancestral=ancestral)
+  return Scheduler(key, config, 0.0, ts, euler_tables(config, sigmas, ancestral=ancestral),
+                   init_noise_sigma=init_sigma)
