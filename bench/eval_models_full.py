@@ -20,7 +20,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tests.reference import randomize_, rel_err  # noqa: E402
+from tests.reference import rel_err  # noqa: E402
+from vcjax.testing import randomize_  # noqa: E402
 
 
 def timed(fn, repeat=3):

@@ -56,7 +56,7 @@ def torch_worker(args) -> dict:
   from diffusers import DDIMScheduler, UNetMotionModel
   from torch.utils.flop_counter import FlopCounterMode
 
-  from convert.make_random_pipeline import build_models
+  from vcjax.testing import build_models
   dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
   cuda = dev.type == "cuda"
   sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -142,7 +142,7 @@ def vcjax_worker(args) -> dict:
   from vcjax.diffusion.schedulers import make_scheduler
   from vcjax.loading import from_state_dict
   from vcjax.models.configs import UNet3DConfig, norm_semantics
-  from vcjax.weights.pipeline import unet_fields_from_diffusers
+  from vcjax.weights.bundle import unet_fields_from_diffusers
   with open(os.path.join(args.work_dir, "config.json")) as f:
     dcfg = json.load(f)
   cfg = UNet3DConfig(**unet_fields_from_diffusers(dcfg), motion_max_seq_length=dcfg["motion_max_seq_length"],

@@ -6,7 +6,7 @@
 Not a CI test: it builds the real-size models (random weights) and goes through the real file formats.
 Stages, each in its own subprocess so that one stage's memory is freed before the next one starts and
 so that each peak RSS is that stage's own:
-  write    convert.make_random_pipeline.write_pipeline(WORK/src, size, "v2"): a diffusers folder
+  write    vcjax.testing.write_pipeline(WORK/src, size, "v2"): a diffusers folder
            (unet/ vae/ text_encoder/ tokenizer/), an LDM single file, the motion module as an original
            AnimateDiff .ckpt and as a diffusers MotionAdapter.
   convert  convert/animatediff.py main(): --base src/base (diffusers folder) --motion-module
@@ -81,7 +81,7 @@ def paths(work: str) -> dict[str, str]:
 # ------------------------------------------------------------------------------------------------ stages
 
 def stage_write(args) -> dict:
-  from convert.make_random_pipeline import write_pipeline
+  from vcjax.testing import write_pipeline
   p = paths(args.workdir)
   t = time.perf_counter()
   write_pipeline(p["src"], size=args.model, version="v2", seed=0)

@@ -4,7 +4,7 @@
     python bench/unet.py --preset sd15            # SD1.5 + AnimateDiff v2 (~1.3B params); minutes on CPU
 
 Both frameworks run in their own subprocess (so that one's memory does not count against the other):
-  torch  builds the random model (convert.make_random_pipeline.build_models + UNetMotionModel.from_unet2d),
+  torch  builds the random model (vcjax.testing.build_models + UNetMotionModel.from_unet2d),
          saves its state dict to WORK/unet.safetensors, then times it (diffusers' default attention
          processor: torch scaled_dot_product_attention).
   vcjax  loads that file with vcjax.loading.from_state_dict and times `jax.jit(UNet3D)`.
@@ -77,7 +77,7 @@ def torch_worker(args) -> dict:
   import torch
   from diffusers import UNetMotionModel
 
-  from convert.make_random_pipeline import build_models
+  from vcjax.testing import build_models
   preset = PRESETS[args.preset]
   weights = os.path.join(args.work_dir, "unet.safetensors")
   unet2d, vae, text, adapter = build_models(preset["size"], "v2")
@@ -136,7 +136,7 @@ def vcjax_worker(args) -> dict:
   from vcjax.loading import from_state_dict
   from vcjax.models.configs import UNet3DConfig, norm_semantics
   from vcjax.nn import attention
-  from vcjax.weights.pipeline import unet_fields_from_diffusers
+  from vcjax.weights.bundle import unet_fields_from_diffusers
   if args.attention:
     attention.config.implementation = args.attention
   options = not args.xla_defaults  # False: XLA's defaults (less the YNNPACK miscompile, see vcjax.compiler)

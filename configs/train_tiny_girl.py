@@ -1,6 +1,6 @@
 """Tiny GIRL run for tests and smoke checks (random tiny pipeline, synthetic or tiny data; CPU).
 
-    python convert/make_random_pipeline.py --size tiny --out /tmp/rnd
+    python -m vcjax.testing --size tiny --out /tmp/rnd
     python convert/animatediff.py --base /tmp/rnd/base --motion-module /tmp/rnd/motion_adapter --out /tmp/tiny
     python train.py --config configs/train_tiny_girl.py --workdir /tmp/run_girl --config.model=/tmp/tiny
 

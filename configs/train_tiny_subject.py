@@ -1,6 +1,6 @@
 """Tiny subject-LoRA run for tests and smoke checks (random tiny pipeline, synthetic or tiny data; CPU).
 
-    python convert/make_random_pipeline.py --size tiny --out /tmp/rnd
+    python -m vcjax.testing --size tiny --out /tmp/rnd
     python convert/animatediff.py --base /tmp/rnd/base --motion-module /tmp/rnd/motion_adapter --out /tmp/tiny
     python train.py --config configs/train_tiny_subject.py --workdir /tmp/run_subject --config.model=/tmp/tiny
 

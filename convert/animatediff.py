@@ -43,9 +43,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  from vcjax.loading import save_pipeline
+  from vcjax.conversion import save_converted
+  from vcjax.weights.bundle import assemble
   from vcjax.weights.errors import CheckpointError
-  from vcjax.weights.pipeline import assemble
 
   start = time.time()
   try:
@@ -53,11 +53,11 @@ def main(argv=None) -> int:
     if args.lora:
       from vcjax.weights.lora_files import parse_lora_arg
       loras = tuple(parse_lora_arg(s) for s in args.lora)
-    pipe = assemble(args.base, args.motion_module, tokenizer=args.tokenizer, config_dir=args.base_config,
+    bundle = assemble(args.base, args.motion_module, tokenizer=args.tokenizer, config_dir=args.base_config,
                     loras=loras,
                     unet_weights=tuple(args.unet_weights), version=args.version,
                     semantics=args.norm_semantics, motion_heads=args.motion_heads)
-    info = save_pipeline(pipe, args.out, dtype=args.dtype, log=print)
+    info = save_converted(bundle, args.out, dtype=args.dtype, log=print)
   except CheckpointError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

@@ -9,7 +9,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def random_pipeline(tmp_path_factory):
   """A tiny random AnimateDiff pipeline (v2 motion module) in every PyTorch file format."""
-  from convert.make_random_pipeline import write_pipeline
+  from vcjax.testing import write_pipeline
   out = tmp_path_factory.mktemp("random_pipeline")
   paths = write_pipeline(str(out), size="tiny", version="v2", seed=0)
   return {k: str(v) for k, v in paths.items()}
@@ -23,3 +23,24 @@ def converted(random_pipeline, tmp_path_factory):
   assert main(["--base", random_pipeline["base"], "--motion-module", random_pipeline["motion_diffusers"],
                "--out", out]) == 0
   return out
+
+
+# A model of shapes no tuned default shares (tests/test_sample_parity.py, tests/test_text_length.py): text
+# encoder and tokenizer of 16 positions, a 4-head original-format motion module, and its own scheduler config.
+ODD_SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
+                 "beta_end": 0.012, "beta_schedule": "linear", "timestep_spacing": "leading",
+                 "steps_offset": 0, "clip_sample": True, "set_alpha_to_one": False}
+
+
+@pytest.fixture(scope="session")
+def odd_model(tmp_path_factory):
+  """-> dict(base, ldm, motion_original, motion_diffusers, converted) for that model (diffusers semantics)."""
+  from convert.animatediff import main
+  from vcjax.testing import write_pipeline
+  root = tmp_path_factory.mktemp("odd_model")
+  paths = write_pipeline(str(root / "torch"), size="tiny", version="v2", seed=5, text_positions=16,
+                         motion_heads=4, scheduler=ODD_SCHEDULER)
+  out = str(root / "converted")
+  assert main(["--base", paths["base"], "--motion-module", paths["motion_original"], "--motion-heads", "4",
+               "--norm-semantics", "diffusers", "--out", out]) == 0
+  return dict(paths, converted=out)

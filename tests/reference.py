@@ -1,4 +1,4 @@
-"""Helpers shared by the parity tests: PyTorch references with random weights, and error measures."""
+"""Helpers shared by the parity tests: error measures and layouts (random torch weights: vcjax.testing.randomize_)."""
 
 from __future__ import annotations
 
@@ -10,25 +10,6 @@ def rel_err(a, b) -> float:
   a = np.asarray(a, np.float64)
   b = np.asarray(b, np.float64)
   return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
-def randomize_(model, seed: int = 0):
-  """Give every parameter of a torch model random values of a sensible scale, in place.
-
-  Default inits leave norms at 1/0 and some projections at zero (e.g. zero-initialised outputs), which
-  would hide bugs in the layers they feed; parity tests must exercise every weight.
-  """
-  import torch
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if p.ndim == 1:
-        base = 1.0 if name.endswith("weight") else 0.0
-        p.copy_(base + 0.1 * torch.randn(p.shape, generator=gen))
-      else:
-        fan_in = int(np.prod(p.shape[1:]))
-        p.copy_(torch.randn(p.shape, generator=gen) / np.sqrt(fan_in))
-  return model
 
 
 def to_channels_last_video(x):

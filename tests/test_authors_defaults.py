@@ -32,7 +32,7 @@ AUTHORS_SCALES = {0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 1.3, 1.4}
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-  from convert.make_random_pipeline import write_tokenizer
+  from vcjax.testing import write_tokenizer
   from vcjax.models.tokenizer import load_tokenizer
   folder = str(tmp_path_factory.mktemp("tok"))
   write_tokenizer(folder)
@@ -75,7 +75,7 @@ def _record(rng, caption=""):
 
 
 def test_caption_dropout_and_class_flip(tokenizer):
-  from vcjax.data.pipeline import SubjectClipTransform
+  from vcjax.data.loaders import SubjectClipTransform
   rng = np.random.default_rng(0)
   image = rng.integers(0, 255, (32, 32, 3), np.uint8)
   rec = {"image": image, "box": np.array([0, 0, 32, 32], np.int32), "caption": ""}
@@ -171,7 +171,7 @@ COLORS = {"red": (220, 20, 20), "green": (20, 220, 20), "blue": (20, 20, 220)}
 def pooled_clip(tmp_path_factory):
   """A 40-frame clip (frame i a flat gray 5 + 6 i) with three references, prepared with a frame pool."""
   pytest.importorskip("grain")
-  from vcjax.data import builders, pipeline
+  from vcjax.data import builders, loaders
   src = tmp_path_factory.mktemp("pool_src")
   os.makedirs(src / "clip" / "frames")
   for i in range(40):
@@ -182,7 +182,7 @@ def pooled_clip(tmp_path_factory):
   data_dir = str(tmp_path_factory.mktemp("pool_tfds"))
   info = builders.prepare_video_dataset(str(src), data_dir, "pooled", num_frames=4, frame_stride=3,
                                         size=(16, 16), reference_size=16, num_workers=1)
-  return pipeline.data_source(info["dataset"], data_dir)[0]
+  return loaders.data_source(info["dataset"], data_dir)[0]
 
 
 def _color(ref):
@@ -192,7 +192,7 @@ def _color(ref):
 
 
 def test_each_read_draws_a_window_and_a_reference(pooled_clip, tokenizer):
-  from vcjax.data.pipeline import VideoReferenceTransform
+  from vcjax.data.loaders import VideoReferenceTransform
   from vcjax.data.shp import SHPConfig
   rec = pooled_clip
   # the pool: 2 x 4 frames, stride 3, centred in 40 frames: 9, 12, ..., 30; three references stored

@@ -198,7 +198,7 @@ def test_the_base_models_scheduler_config_is_kept(random_pipeline, tmp_path, cap
   import json
   import shutil
   from vcjax.loading import load_scheduler_config
-  from vcjax.weights.pipeline import SD15_SCHEDULER
+  from vcjax.weights.bundle import SD15_SCHEDULER
   rp = random_pipeline
   folder = convert(tmp_path, "folder", "--base", rp["base"], "--motion-module", rp["motion_diffusers"])
   with open(os.path.join(rp["base"], "scheduler", "scheduler_config.json")) as f:

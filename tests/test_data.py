@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw
 grain = pytest.importorskip("grain")
 tfds = pytest.importorskip("tensorflow_datasets")
 
-from vcjax.data import builders, captions, customcrafter, pipeline, shp  # noqa: E402
+from vcjax.data import builders, captions, customcrafter, loaders, shp  # noqa: E402
 
 PLACEHOLDER, CLASS_WORD = "<new1>", "dog"
 
@@ -50,7 +50,7 @@ def _level_frames(n, h, w):
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-  from convert.make_random_pipeline import write_tokenizer
+  from vcjax.testing import write_tokenizer
   from vcjax.models.tokenizer import load_tokenizer
   folder = str(tmp_path_factory.mktemp("tok"))
   write_tokenizer(folder)
@@ -124,7 +124,7 @@ def test_subject_builder_counts_shapes(subject_data):
   again = builders.prepare_subject_dataset(str(subject_data["src"]), subject_data["data_dir"], name="dog",
                                            image_size=64)
   assert again["stats"]["train"]["skipped"] == 2
-  src = pipeline.data_source("vcjax_subject_images/dog", subject_data["data_dir"], "train")
+  src = loaders.data_source("vcjax_subject_images/dog", subject_data["data_dir"], "train")
   recs = {captions.decode_text(src[i]["name"]): src[i] for i in range(len(src))}
   assert sorted(recs) == ["img0.jpg", "img1.png", "img2.jpg", "img3.png"]
   for name, r in recs.items():
@@ -141,7 +141,7 @@ def test_subject_builder_counts_shapes(subject_data):
   assert np.all(recs["img3.png"]["mask"][14:50] == 255) and np.all(recs["img3.png"]["mask"][:14] == 0)
   assert recs["img0.jpg"]["has_mask"] and 0.2 < (recs["img0.jpg"]["mask"] > 127).mean() < 0.6
   assert captions.decode_text(recs["img0.jpg"]["caption"]) == "a photo of my dog"
-  prior = pipeline.data_source("vcjax_subject_images/dog", subject_data["data_dir"], "prior")
+  prior = loaders.data_source("vcjax_subject_images/dog", subject_data["data_dir"], "prior")
   assert len(prior) == 3 and prior[0]["image"].shape == (64, 64, 3)
 
 
@@ -151,7 +151,7 @@ def test_video_builder_counts_shapes(video_data):
   st = info["stats"]["train"]
   assert st["kept"] == 2 and st["skipped"] == 3
   assert st["reasons"] == {"video": 1, "too_short": 1, "missing": 1}
-  src = pipeline.data_source(info["dataset"], video_data["data_dir"])
+  src = loaders.data_source(info["dataset"], video_data["data_dir"])
   recs = {captions.decode_text(src[i]["clip_id"]): src[i] for i in range(len(src))}
   a, b = recs["clip_a"], recs["clip_b"]
   for r in (a, b):
@@ -298,7 +298,7 @@ def test_customcrafter_loader_batches_and_resume(subject_data, tokenizer):
   # The paper's rescale and no caption dropout (the defaults before the authors' became them).
   kw = dict(dataset="vcjax_subject_images/dog", shard=grain.sharding.NoSharding(), size=32,
             class_word=CLASS_WORD, placeholder=PLACEHOLDER, num_threads=2, rescale="paper", caption_dropout=0.0)
-  it = pipeline.make_loader("customcrafter", subject_data["data_dir"], 2, 42, tokenizer, **kw)
+  it = loaders.make_loader("customcrafter", subject_data["data_dir"], 2, 42, tokenizer, **kw)
   first = _take(it, 3)
   state = it.get_state()
   expected = _take(it, 2)
@@ -313,16 +313,16 @@ def test_customcrafter_loader_batches_and_resume(subject_data, tokenizer):
     assert f"{PLACEHOLDER} {CLASS_WORD}" in subj and PLACEHOLDER not in str(batch["caption"][1])
     assert np.all(batch["pixels"][:, 0] == batch["pixels"][:, 3])  # Static clips.
   # Resume: a fresh loader set to the saved state yields the same batches, bit-exactly.
-  fresh = pipeline.make_loader("customcrafter", subject_data["data_dir"], 2, 42, tokenizer, **kw)
+  fresh = loaders.make_loader("customcrafter", subject_data["data_dir"], 2, 42, tokenizer, **kw)
   fresh.set_state(json.loads(json.dumps(state)))  # The state is plain JSON (saved with checkpoints).
   _assert_batches_equal(_take(fresh, 2), expected)
-  other = pipeline.make_loader("customcrafter", subject_data["data_dir"], 2, 43, tokenizer, **kw)
+  other = loaders.make_loader("customcrafter", subject_data["data_dir"], 2, 43, tokenizer, **kw)
   assert not np.array_equal(next(other)["pixels"], first[0]["pixels"])
 
 
 def test_videomaker_loader_batches_and_resume(video_data, tokenizer):
   kw = dict(dataset="vcjax_video_clips/videos", shard=grain.sharding.NoSharding(), num_threads=1)
-  it = pipeline.make_loader("videomaker", video_data["data_dir"], 1, 0, tokenizer, **kw)
+  it = loaders.make_loader("videomaker", video_data["data_dir"], 1, 0, tokenizer, **kw)
   first = _take(it, 3)
   state = it.get_state()
   expected = _take(it, 2)
@@ -333,24 +333,24 @@ def test_videomaker_loader_batches_and_resume(video_data, tokenizer):
     assert -1.0 <= batch["reference"].min() and batch["reference"].max() <= 1.0
     assert np.all(batch["reference"][:, :, :8] == 1.0)  # Letterbox + background: white.
     assert str(batch["caption"][0]) in ("a man talks", "a man smiles", "a red ball")
-  fresh = pipeline.make_loader("videomaker", video_data["data_dir"], 1, 0, tokenizer, **kw)
+  fresh = loaders.make_loader("videomaker", video_data["data_dir"], 1, 0, tokenizer, **kw)
   fresh.set_state(state)
   _assert_batches_equal(_take(fresh, 2), expected)
 
 
 def test_sharding_disjoint(subject_data, video_data):
-  src = pipeline.data_source("vcjax_subject_images/dog", subject_data["data_dir"], "train")
+  src = loaders.data_source("vcjax_subject_images/dog", subject_data["data_dir"], "train")
   for epoch_len, n in ((2, 4),):
     shards = []
     for i in range(2):
-      ds = pipeline.sharded_records(src, 5, grain.sharding.ShardOptions(i, 2, drop_remainder=True))
+      ds = loaders.sharded_records(src, 5, grain.sharding.ShardOptions(i, 2, drop_remainder=True))
       names = [captions.decode_text(ds[k]["name"]) for k in range(3 * epoch_len)]
       shards.append([names[e * epoch_len:(e + 1) * epoch_len] for e in range(3)])
     for e in range(3):  # Each epoch: the two processes read disjoint records covering the split.
       a, b = set(shards[0][e]), set(shards[1][e])
       assert not a & b and len(a | b) == n
     assert len({tuple(s) for s in shards[0]}) > 1  # A new permutation each epoch.
-  vsrc = pipeline.data_source("vcjax_video_clips/videos", video_data["data_dir"])
-  ids = [captions.decode_text(pipeline.sharded_records(vsrc, 0, grain.sharding.ShardOptions(i, 2))[0]["clip_id"])
+  vsrc = loaders.data_source("vcjax_video_clips/videos", video_data["data_dir"])
+  ids = [captions.decode_text(loaders.sharded_records(vsrc, 0, grain.sharding.ShardOptions(i, 2))[0]["clip_id"])
          for i in range(2)]
   assert len(set(ids)) == 2

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.reference import randomize_
+from vcjax.testing import randomize_
 from vcjax.eval import inputs
 from vcjax.eval.__main__ import main
 from vcjax.media import write_video
@@ -29,7 +29,7 @@ def _moving_frames(rng, n, h, w, speed):
 def write_eval_models(root):
   """Random CLIP (tiny ViT-B/32 architecture) + tokenizer, DINO (tiny ViT) and RAFT (full) under `root`:
   clip/, dino/, raft-things.pth. -> the torch models."""
-  from convert.make_random_pipeline import write_tokenizer
+  from vcjax.testing import write_tokenizer
   # CLIP: ViT-B/32's architecture at tiny sizes, 224-pixel input (what the preprocessing produces).
   torch.manual_seed(0)
   text = dict(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

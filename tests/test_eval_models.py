@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.reference import randomize_, rel_err
+from tests.reference import rel_err
+from vcjax.testing import randomize_
 from vcjax.weights.errors import CheckpointError
 from vcjax.weights.eval_models import load_clip, load_dino
 

@@ -24,7 +24,7 @@ from vcjax.loading import from_state_dict
 from vcjax.nn import lora as L
 from vcjax.weights import export, keymaps, lora_files
 from vcjax.weights.lora_files import module_names, read_lora
-from vcjax.weights.pipeline import assemble
+from vcjax.weights.bundle import assemble
 from vcjax.weights.sources import read_state_dict
 
 FRAMES = 4

@@ -29,7 +29,7 @@ TOL = 1e-4
 
 def torch_models():
   from diffusers import UNetMotionModel
-  from convert.make_random_pipeline import build_models
+  from vcjax.testing import build_models
   unet2d, _, text, adapter = build_models("tiny", "v2", seed=0)  # what the `converted` fixture holds
   return UNetMotionModel.from_unet2d(unet2d, adapter).eval(), text.eval()
 

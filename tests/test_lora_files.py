@@ -17,7 +17,7 @@ from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
-from tests.reference import randomize_
+from vcjax.testing import randomize_
 from vcjax.weights.errors import CheckpointError
 from vcjax.weights.ldm import diffusers_unet_to_ldm
 from vcjax.weights.lora_files import LoRAWeight, merge_lora, module_names, parse_lora_arg, read_lora

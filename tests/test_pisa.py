@@ -71,7 +71,7 @@ def install_pisa_(model, video_frames: int):
 @pytest.fixture(scope="module")
 def models():
   from diffusers import UNetMotionModel
-  from convert.make_random_pipeline import build_models
+  from vcjax.testing import build_models
   from vcjax.loading import from_state_dict
   from vcjax.models.configs import VAEConfig, tiny_unet
   unet2d, vae, _, adapter = build_models("tiny", "v3")

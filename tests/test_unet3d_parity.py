@@ -8,7 +8,8 @@ import torch
 from diffusers import UNetMotionModel
 from flax import nnx
 
-from tests.reference import randomize_, rel_err, run_both
+from tests.reference import rel_err, run_both
+from vcjax.testing import randomize_
 from vcjax.models.configs import tiny_unet
 from vcjax.models.unet3d import UNet3D
 from vcjax.weights.keymaps import load_state_dict

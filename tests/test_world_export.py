@@ -8,7 +8,7 @@ import pytest
 grain = pytest.importorskip("grain")
 tfds = pytest.importorskip("tensorflow_datasets")
 
-from vcjax.data import builders, pipeline  # noqa: E402
+from vcjax.data import builders, loaders  # noqa: E402
 from vcjax.world import HELD_OUT, WorldConfig, export, parse_caption, sample_clip, still_image  # noqa: E402
 
 CFG = WorldConfig(size=32, frames=4, seed=11)
@@ -16,7 +16,7 @@ CFG = WorldConfig(size=32, frames=4, seed=11)
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-  from convert.make_random_pipeline import write_tokenizer
+  from vcjax.testing import write_tokenizer
   from vcjax.models.tokenizer import load_tokenizer
   folder = str(tmp_path_factory.mktemp("tok"))
   write_tokenizer(folder)
@@ -37,7 +37,7 @@ def data_dir(tmp_path_factory):
 def test_t2v_records_equal_the_world(data_dir):
   out, infos = data_dir
   assert infos["t2v"]["dataset"] == "vcjax_video_clips/world_t2v" and infos["t2v"]["splits"] == {"train": 6}
-  src = pipeline.data_source("vcjax_video_clips/world_t2v", out)
+  src = loaders.data_source("vcjax_video_clips/world_t2v", out)
   seen = set()
   for r in (src[i] for i in range(len(src))):
     clip_id = r["clip_id"].decode()
@@ -56,7 +56,7 @@ def test_t2v_records_equal_the_world(data_dir):
 
 def test_girl_reference_is_another_render(data_dir):
   out, _ = data_dir
-  src = pipeline.data_source("vcjax_video_clips/world_girl", out)
+  src = loaders.data_source("vcjax_video_clips/world_girl", out)
   for r in (src[i] for i in range(len(src))):
     index = int(r["clip_id"].decode().split("_")[1])
     clip = sample_clip(CFG, index, "heldout")
@@ -71,7 +71,7 @@ def test_girl_reference_is_another_render(data_dir):
 def test_videomaker_loader_reads_world(data_dir, tokenizer):
   out, _ = data_dir
   kw = dict(dataset="vcjax_video_clips/world_girl", shard=grain.sharding.NoSharding(), num_threads=1)
-  it = pipeline.make_loader("videomaker", out, 2, 0, tokenizer, **kw)
+  it = loaders.make_loader("videomaker", out, 2, 0, tokenizer, **kw)
   first = [next(it) for _ in range(2)]
   state = it.get_state()
   nxt = next(it)
@@ -85,7 +85,7 @@ def test_videomaker_loader_reads_world(data_dir, tokenizer):
   # SHP whitened the textured background around the sprite (a box crop, so a square may fill it).
   white = [np.all(r == 1.0, -1).mean() for batch in first + [nxt] for r in batch["reference"]]
   assert np.mean(np.asarray(white) > 0.05) >= 0.5, white
-  fresh = pipeline.make_loader("videomaker", out, 2, 0, tokenizer, **kw)
+  fresh = loaders.make_loader("videomaker", out, 2, 0, tokenizer, **kw)
   fresh.set_state(json.loads(json.dumps(state)))
   np.testing.assert_array_equal(next(fresh)["pixels"], nxt["pixels"])
 
@@ -95,16 +95,16 @@ def test_subject_export_and_customcrafter_loader(data_dir, tokenizer):
   info = infos["subject"]
   assert info["combo"] == list(HELD_OUT[9]) and info["splits"] == {"train": 4, "prior": 3}
   shape = HELD_OUT[9][0]
-  src = pipeline.data_source("vcjax_subject_images/world_subject", out, "train")
+  src = loaders.data_source("vcjax_subject_images/world_subject", out, "train")
   for r in (src[i] for i in range(len(src))):
     attrs = parse_caption(CFG, r["caption"].decode())
     assert (attrs["shape"], attrs["pattern"], attrs["colour"]) == HELD_OUT[9] and attrs["motion"] == "still"
     assert bool(r["has_mask"]) and r["mask"].max() == 255 and r["image"].shape == (32, 32, 3)
-  prior = pipeline.data_source("vcjax_subject_images/world_subject", out, "prior")
+  prior = loaders.data_source("vcjax_subject_images/world_subject", out, "prior")
   for r in (prior[i] for i in range(len(prior))):
     attrs = parse_caption(CFG, r["caption"].decode())
     assert attrs["shape"] == shape and (attrs["shape"], attrs["pattern"], attrs["colour"]) not in HELD_OUT
-  it = pipeline.make_loader("customcrafter", out, 2, 0, tokenizer, dataset="vcjax_subject_images/world_subject",
+  it = loaders.make_loader("customcrafter", out, 2, 0, tokenizer, dataset="vcjax_subject_images/world_subject",
                             shard=grain.sharding.NoSharding(), size=32, class_word=shape, num_threads=1)
   b = next(it)
   assert b["pixels"].shape == (2, 4, 32, 32, 3) and b["is_prior"].tolist() == [False, True]
@@ -117,7 +117,7 @@ def test_cli_and_builder_defaults(tmp_path, capsys):
                       "--name", "cli", "--split", "heldout"]) == 0
   printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # tfds prints before it.
   assert printed["dataset"] == "vcjax_video_clips/cli" and printed["splits"] == {"train": 2}
-  r = pipeline.data_source("vcjax_video_clips/cli", out)[0]
+  r = loaders.data_source("vcjax_video_clips/cli", out)[0]
   assert r["frames"].shape == (3, 16, 16, 3) and r["masks"].shape == (3, 16, 16)
   assert export.main(["--out", out, "--kind", "subject", "--subject", "star,dotted"]) == 1
   # Folder datasets cannot carry tracks; the builders' folder defaults are unchanged (no tracks).

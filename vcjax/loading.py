@@ -1,4 +1,5 @@
-"""One-call loaders: vcjax models from a converted folder, or straight from PyTorch files.
+"""One-call loaders: vcjax models from a converted folder, or from a diffusers-named state dict in memory.
+Writing a converted folder is vcjax.conversion's.
 
     unet = vcjax.load_unet("converted/")          # UNet3D
     vae = vcjax.load_vae("converted/")            # AutoencoderKL
@@ -8,9 +9,9 @@
 
 from __future__ import annotations
 
+import json
 import os
-import shutil
-from typing import Any, Callable
+from typing import Any
 
 import jax.numpy as jnp
 from flax import nnx
@@ -21,7 +22,6 @@ from vcjax.models.unet3d import UNet3D
 from vcjax.models.vae import AutoencoderKL
 from vcjax.weights import keymaps, store
 from vcjax.weights.errors import CheckpointError
-from vcjax.weights.pipeline import Pipeline
 
 _COMPONENTS: dict[str, tuple[type, type]] = {
     "unet": (UNet3D, UNet3DConfig),
@@ -44,7 +44,8 @@ def from_state_dict(component: str, config, state_dict, *, strict: bool = True, 
                                  ignore=_IGNORE[component], dtype=dtype, what=component)
 
 
-def _with_dtype(config, dtype):
+def with_dtype(config, dtype):
+  """`config` with its dtype and param_dtype set to `dtype` (unchanged for None)."""
   if dtype is None:
     return config
   name = jnp.dtype(dtype).name
@@ -56,7 +57,7 @@ def _load(component: str, folder: str, dtype=None) -> nnx.Module:
   if component not in configs:
     raise CheckpointError(f"{folder}: the converted model has no {component}")
   _, config_cls = _COMPONENTS[component]
-  config = _with_dtype(config_cls.from_dict(configs[component]), dtype)
+  config = with_dtype(config_cls.from_dict(configs[component]), dtype)
   module = abstract(component, config)
   return store.set_params(module, store.read_component(folder, component), what=f"{folder} {component}")
 
@@ -80,31 +81,19 @@ def load_tokenizer(folder: str):
                          else folder)
 
 
+def load_scheduler_config(folder: str) -> dict[str, Any] | None:
+  """The model's diffusers scheduler config (`scheduler/scheduler_config.json`), None if it has none
+  (folders converted before vcjax kept it: samplers then use vcjax's AnimateDiff defaults)."""
+  path = os.path.join(folder, "scheduler", "scheduler_config.json")
+  if not os.path.isfile(path):
+    return None
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f"{path}: cannot read scheduler config ({e})") from None
+
+
 def read_info(folder: str) -> dict[str, Any]:
   """The converted folder's JSON config (model configs + provenance)."""
   return store.read_config(folder)
-
-
-def save_pipeline(pipe: Pipeline, out: str, *, dtype=None,
-                  log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
-  """Convert every model of `pipe` into vcjax modules and write them to `out`."""
-  import vcjax
-  configs: dict[str, Any] = {"format": "vcjax", "vcjax_version": vcjax.__version__, "info": pipe.info}
-  for component, config in (("unet", pipe.unet_config), ("vae", pipe.vae_config),
-                            ("text_encoder", pipe.text_config)):
-    state = getattr(pipe, component)
-    if state is None:
-      continue
-    setattr(pipe, component, None)  # the PyTorch weights are freed as soon as the module holds them
-    config = _with_dtype(config, dtype)
-    count = len(state)
-    module = from_state_dict(component, config, state)
-    del state
-    path = store.save_component(out, component, module)
-    configs[component] = config.to_dict()
-    log(f"{component}: {count} tensors -> {path}")
-    del module
-  if pipe.tokenizer_dir:
-    shutil.copytree(pipe.tokenizer_dir, os.path.join(out, "tokenizer"), dirs_exist_ok=True)
-  store.write_config(out, configs)
-  return configs

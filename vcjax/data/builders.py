@@ -28,7 +28,7 @@ VIDEO CLIPS (`prepare_video_dataset`, tfds name `vcjax_video_clips/<name>`; Cele
   src_dir/<clip_id>/mask.png, mask_<k>.png optional subject mask OF EACH REFERENCE (same aspect ratio)
   src_dir/<clip_id>/caption.txt           caption; several lines = several captions (one is drawn per use)
   Stored record: frames `(P, H, W, 3)` uint8, a POOL of P frames from which every read draws its own
-  temporal window (vcjax.data.pipeline.VideoReferenceTransform): for sampling="stride" every
+  temporal window (vcjax.data.loaders.VideoReferenceTransform): for sampling="stride" every
   `frame_stride`-th frame, for sampling="window" every frame, over the clip's center, at most
   `pool_frames` of them (0: twice what one window spans: 2 x num_frames strided frames, or 2 x window
   frames); each resized to cover (H, W) and center-cropped; frame_indices `(P,)` int32 (positions in the

@@ -1,4 +1,4 @@
-"""Training batches: the real grain loaders (vcjax.data.pipeline.make_loader) or a synthetic source.
+"""Training batches: the real grain loaders (vcjax.data.loaders.make_loader) or a synthetic source.
 
 Both yield numpy dicts (pixels `(B, F, H, W, 3)` in [-1, 1], mask `(B, F, H, W, 1)`, input_ids `(B, T)`
 int32, is_prior `(B,)` for "subject"; reference `(B, H, W, 3)` for "girl") and have
@@ -83,7 +83,7 @@ def make_data(cfg, tokenizer, *, batch_size: int, seed: int):
     raise ValueError(f"data.kind must be 'synthetic' or 'folder', got {d.kind!r}")
   if not d.dir:
     raise ValueError("data.kind 'folder' needs data.dir (the data_dir given to the prepare_* builder)")
-  from vcjax.data.pipeline import make_loader  # grain / tfds: imported only when used
+  from vcjax.data.loaders import make_loader  # grain / tfds: imported only when used
   kind = "customcrafter" if cfg.task == "subject" else "videomaker"
   kwargs = {}
   if cfg.task == "subject":

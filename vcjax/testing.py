@@ -1,9 +1,12 @@
-"""Write a random-weight AnimateDiff pipeline in the real PyTorch file formats (needs torch + diffusers).
+"""Random-weight models for tests and benchmarks: an AnimateDiff model written in the real PyTorch file formats.
 
 No pretrained weights can be downloaded in CI or in the sandboxes this project is built in, so tests,
 benchmarks and the README's first command use models of the real architecture with random weights:
 
-    python convert/make_random_pipeline.py --size tiny --out /tmp/vcjax-random
+    python -m vcjax.testing --size tiny --out /tmp/vcjax-random [--text-positions N] [--motion-heads N]
+
+A library too (`write_pipeline`, `build_models`, `randomize_`, `write_tokenizer`, `SCHEDULER`). Its functions
+need torch, diffusers and transformers, imported only when they run: `import vcjax.testing` stays torch-free.
 
 writes into OUT:
   base/                 diffusers folder: unet/, vae/, text_encoder/, tokenizer/, model_index.json
@@ -44,8 +47,11 @@ MOTION = {"v1": dict(motion_max_seq_length=24, use_motion_mid_block=False),
 
 
 def randomize_(model, seed: int = 0):
-  """Random values of a sensible scale for every parameter (default inits leave norms at 1/0 and some
-  outputs at zero, which would hide bugs in what they feed)."""
+  """Give every parameter of a torch model random values of a sensible scale, in place (returned).
+
+  Default inits leave norms at 1/0 and some projections at zero (e.g. zero-initialised outputs), which
+  would hide bugs in the layers they feed; parity tests must exercise every weight.
+  """
   import torch
   gen = torch.Generator().manual_seed(seed)
   with torch.no_grad():
@@ -57,8 +63,9 @@ def randomize_(model, seed: int = 0):
   return model
 
 
-def write_tokenizer(folder: str) -> int:
-  """A byte-level CLIP BPE vocabulary with no merges (every character is a token). Returns its size."""
+def write_tokenizer(folder: str, max_length: int = 77) -> int:
+  """A byte-level CLIP BPE vocabulary with no merges (every character is a token), padding prompts to
+  `max_length`. Returns its size."""
   # GPT-2/CLIP byte-level alphabet: printable bytes map to themselves, the rest to code points 256+.
   printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
   chars = [chr(b) for b in printable] + [chr(256 + i) for i in range(256 - len(printable))]
@@ -72,13 +79,15 @@ def write_tokenizer(folder: str) -> int:
   with open(os.path.join(folder, "merges.txt"), "w") as f:
     f.write("#version: 0.2\n")
   with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-    json.dump({"model_max_length": 77, "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+    json.dump({"model_max_length": max_length, "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
                "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}, f)
   return len(vocab)
 
 
-def build_models(size: str = "tiny", version: str = "v2", seed: int = 0):
-  """(unet2d, vae, text_encoder, motion_adapter) torch modules with random weights, and the vocab size."""
+def build_models(size: str = "tiny", version: str = "v2", seed: int = 0, *, text_positions: int = 77,
+                 motion_heads: int | None = None):
+  """(unet2d, vae, text_encoder, motion_adapter) torch modules with random weights. text_positions: the
+  text encoder's max_position_embeddings; motion_heads: the motion module's heads (default: the size's)."""
   import torch
   from diffusers import AutoencoderKL, MotionAdapter, UNet2DConditionModel
   from transformers import CLIPTextConfig, CLIPTextModel
@@ -91,12 +100,13 @@ def build_models(size: str = "tiny", version: str = "v2", seed: int = 0):
                                  up_block_types=("UpDecoderBlock2D",) * len(s["vae"]["block_out_channels"]),
                                  latent_channels=4, norm_num_groups=32), seed + 1)
   vocab_size = 514 if size == "tiny" else 49408
-  text = randomize_(CLIPTextModel(CLIPTextConfig(vocab_size=vocab_size, max_position_embeddings=77,
+  text = randomize_(CLIPTextModel(CLIPTextConfig(vocab_size=vocab_size, max_position_embeddings=text_positions,
                                                  bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
                                                  pad_token_id=vocab_size - 1, hidden_act="quick_gelu",
                                                  **s["text"])), seed + 2)
   adapter = randomize_(MotionAdapter(block_out_channels=s["unet"]["block_out_channels"], motion_layers_per_block=2,
-                                     motion_num_attention_heads=s["motion_heads"], motion_norm_num_groups=32,
+                                     motion_num_attention_heads=motion_heads or s["motion_heads"],
+                                     motion_norm_num_groups=32,
                                      **MOTION[version]), seed + 3)
   return unet.eval(), vae.eval(), text.eval(), adapter.eval()
 
@@ -115,20 +125,34 @@ def diffusers_motion_to_original(sd: dict) -> dict:
   return out
 
 
-def write_pipeline(out: str, size: str = "tiny", version: str = "v2", seed: int = 0) -> dict[str, str]:
+# A scheduler config like SD1.5's (a PNDM config: scaled-linear betas, no set_alpha_to_one), so that samplers
+# must take the model's settings and override them by name as the AnimateDiff docs do.
+SCHEDULER = {"_class_name": "PNDMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
+             "beta_end": 0.012, "beta_schedule": "scaled_linear", "set_alpha_to_one": False,
+             "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False, "trained_betas": None}
+
+
+def write_pipeline(out: str, size: str = "tiny", version: str = "v2", seed: int = 0, *, text_positions: int = 77,
+                   motion_heads: int | None = None, scheduler: dict | None = None) -> dict[str, str]:
+  """Writes the files listed in the module doc; returns their paths. text_positions: the text encoder's and the
+  tokenizer's length; scheduler: the base's scheduler_config.json (default SCHEDULER)."""
   import safetensors.torch
   import torch
   from vcjax.weights import ldm
   from vcjax.models.configs import UNet3DConfig
-  from vcjax.weights.pipeline import unet_fields_from_diffusers
+  from vcjax.weights.bundle import unet_fields_from_diffusers
 
-  unet, vae, text, adapter = build_models(size, version, seed)
+  unet, vae, text, adapter = build_models(size, version, seed, text_positions=text_positions,
+                                         motion_heads=motion_heads)
   base = os.path.join(out, "base")
   os.makedirs(base, exist_ok=True)
   unet.save_pretrained(os.path.join(base, "unet"))
   vae.save_pretrained(os.path.join(base, "vae"))
   text.save_pretrained(os.path.join(base, "text_encoder"))
-  write_tokenizer(os.path.join(base, "tokenizer"))
+  write_tokenizer(os.path.join(base, "tokenizer"), text_positions)
+  os.makedirs(os.path.join(base, "scheduler"), exist_ok=True)
+  with open(os.path.join(base, "scheduler", "scheduler_config.json"), "w") as f:
+    json.dump(scheduler or SCHEDULER, f, indent=2)
   with open(os.path.join(base, "model_index.json"), "w") as f:
     json.dump({"_class_name": "StableDiffusionPipeline"}, f)
   adapter.save_pretrained(os.path.join(out, "motion_adapter"))
@@ -149,13 +173,18 @@ def write_pipeline(out: str, size: str = "tiny", version: str = "v2", seed: int 
 
 
 def main():
-  p = argparse.ArgumentParser(description="Write a random-weight AnimateDiff pipeline in PyTorch formats.")
+  p = argparse.ArgumentParser(prog="python -m vcjax.testing",
+                              description="Write a random-weight AnimateDiff model in PyTorch formats.")
   p.add_argument("--out", required=True)
   p.add_argument("--size", choices=sorted(SIZES), default="tiny")
   p.add_argument("--version", choices=sorted(MOTION), default="v2")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--text-positions", type=int, default=77, help="text encoder / tokenizer length")
+  p.add_argument("--motion-heads", type=int, default=None)
   args = p.parse_args()
-  for name, path in write_pipeline(args.out, args.size, args.version, args.seed).items():
+  paths = write_pipeline(args.out, args.size, args.version, args.seed, text_positions=args.text_positions,
+                         motion_heads=args.motion_heads)
+  for name, path in paths.items():
     print(f"{name}: {path}")
 
 

@@ -1,8 +1,8 @@
-"""Assemble the diffusers-named weights and vcjax configs of a whole AnimateDiff pipeline from the files
+"""A `Bundle`: the diffusers-named weights and vcjax configs of a whole AnimateDiff model, assembled from the files
 users have: a base SD1.5 model (diffusers folder or LDM single file), a motion module (original
 .ckpt/.safetensors or diffusers MotionAdapter), LoRAs and full-UNet overrides (VideoMaker).
 
-Nothing here builds modules; `vcjax.loading` does that.
+Nothing here builds modules; `vcjax.conversion` turns a bundle into a converted folder.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from vcjax.weights.errors import CheckpointError
 
 
 @dataclasses.dataclass
-class Pipeline:
+class Bundle:
   """Diffusers-named state dicts + configs of the three models (a model may be absent)."""
   unet: dict[str, np.ndarray]
   unet_config: UNet3DConfig
@@ -29,7 +29,23 @@ class Pipeline:
   text_encoder: dict[str, np.ndarray] | None = None
   text_config: CLIPTextConfig | None = None
   tokenizer_dir: str | None = None
+  scheduler_config: dict[str, Any] | None = None  # a diffusers scheduler_config.json dict
   info: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+# Stable Diffusion 1.5's scheduler/scheduler_config.json: what a base without one (an LDM single file, which
+# records none) gets, as diffusers' from_single_file does for SD1.5.
+SD15_SCHEDULER = {"_class_name": "PNDMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
+                  "beta_end": 0.012, "beta_schedule": "scaled_linear", "trained_betas": None,
+                  "skip_prk_steps": True, "set_alpha_to_one": False, "steps_offset": 1, "clip_sample": False}
+
+
+def _read_scheduler(folder: str | None) -> tuple[dict[str, Any], str]:
+  """(scheduler config, where it came from): `folder/scheduler/scheduler_config.json`, else SD1.5's."""
+  path = os.path.join(folder, "scheduler", "scheduler_config.json") if folder else None
+  if path and os.path.isfile(path):
+    return _read_json(path), path
+  return dict(SD15_SCHEDULER), "SD1.5's (the base carries no scheduler config)"
 
 
 def _strip_type(name: str) -> str:
@@ -82,7 +98,7 @@ def _read_json(path: str) -> dict[str, Any]:
 
 
 def read_base(path: str, *, tokenizer: str | None = None, config_dir: str | None = None,
-              dtype=None) -> Pipeline:
+              dtype=None) -> Bundle:
   """A base image model: a diffusers folder (unet/, vae/, text_encoder/, tokenizer/) or an LDM file.
 
   An LDM single file carries no architecture config: SD1.5's is assumed unless `config_dir` names a
@@ -91,18 +107,19 @@ def read_base(path: str, *, tokenizer: str | None = None, config_dir: str | None
   if sources.is_diffusers_folder(path):
     unet_cfg, unet = sources.read_diffusers_component(path, "unet", dtype)
     fields = unet_fields_from_diffusers(unet_cfg)
-    pipe = Pipeline(unet=unet, unet_config=UNet3DConfig(**fields), info={"base": "diffusers"})
+    bundle = Bundle(unet=unet, unet_config=UNet3DConfig(**fields), info={"base": "diffusers"})
     if os.path.isdir(os.path.join(path, "vae")):
-      vae_cfg, pipe.vae = sources.read_diffusers_component(path, "vae", dtype)
-      pipe.vae = ldm.modernize_vae_attention_keys(pipe.vae)
-      pipe.vae_config = VAEConfig.from_dict(vae_cfg)
+      vae_cfg, bundle.vae = sources.read_diffusers_component(path, "vae", dtype)
+      bundle.vae = ldm.modernize_vae_attention_keys(bundle.vae)
+      bundle.vae_config = VAEConfig.from_dict(vae_cfg)
     if os.path.isdir(os.path.join(path, "text_encoder")):
       text_cfg, text = sources.read_diffusers_component(path, "text_encoder", dtype)
-      pipe.text_encoder = ldm.ldm_clip_to_diffusers(text)
-      pipe.text_config = CLIPTextConfig.from_dict(text_cfg)
+      bundle.text_encoder = ldm.ldm_clip_to_diffusers(text)
+      bundle.text_config = CLIPTextConfig.from_dict(text_cfg)
     tok = os.path.join(path, "tokenizer")
-    pipe.tokenizer_dir = tokenizer or (tok if os.path.isdir(tok) else None)
-    return pipe
+    bundle.tokenizer_dir = tokenizer or (tok if os.path.isdir(tok) else None)
+    bundle.scheduler_config, bundle.info["scheduler_source"] = _read_scheduler(path)
+    return bundle
   if not os.path.isfile(path):
     raise CheckpointError(f"{path}: no such file or diffusers model folder")
   state = sources.read_state_dict(path, dtype)
@@ -115,14 +132,15 @@ def read_base(path: str, *, tokenizer: str | None = None, config_dir: str | None
   config = UNet3DConfig(**fields)
   if tokenizer is None and config_dir and os.path.isdir(os.path.join(config_dir, "tokenizer")):
     tokenizer = os.path.join(config_dir, "tokenizer")
-  pipe = Pipeline(unet=ldm.ldm_unet_to_diffusers(parts["unet"], config), unet_config=config,
+  bundle = Bundle(unet=ldm.ldm_unet_to_diffusers(parts["unet"], config), unet_config=config,
                   tokenizer_dir=tokenizer, info={"base": "ldm"})
+  bundle.scheduler_config, bundle.info["scheduler_source"] = _read_scheduler(config_dir)
   if parts["vae"]:
-    pipe.vae, pipe.vae_config = ldm.ldm_vae_to_diffusers(parts["vae"]), VAEConfig.from_dict(cfg("vae"))
+    bundle.vae, bundle.vae_config = ldm.ldm_vae_to_diffusers(parts["vae"]), VAEConfig.from_dict(cfg("vae"))
   if parts["text_encoder"]:
-    pipe.text_encoder = ldm.ldm_clip_to_diffusers(parts["text_encoder"])
-    pipe.text_config = CLIPTextConfig.from_dict(cfg("text_encoder"))
-  return pipe
+    bundle.text_encoder = ldm.ldm_clip_to_diffusers(parts["text_encoder"])
+    bundle.text_config = CLIPTextConfig.from_dict(cfg("text_encoder"))
+  return bundle
 
 
 def read_motion_module(path: str, dtype=None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -167,38 +185,38 @@ def assemble(base: str, motion_module: str | None = None, *, tokenizer: str | No
              config_dir: str | None = None,
              loras: tuple[tuple[str, float], ...] = (), unet_weights: tuple[str, ...] = (),
              version: str | None = None, semantics: str | None = None, motion_heads: int | None = None,
-             dtype=None) -> Pipeline:
-  """The whole pipeline: base + motion module (+ LoRAs merged, + full-UNet overrides applied)."""
-  pipe = read_base(base, tokenizer=tokenizer, config_dir=config_dir, dtype=dtype)
+             dtype=None) -> Bundle:
+  """The whole model: base + motion module (+ LoRAs merged, + full-UNet overrides applied)."""
+  bundle = read_base(base, tokenizer=tokenizer, config_dir=config_dir, dtype=dtype)
   if motion_module:
     motion, info = read_motion_module(motion_module, dtype)
-    pipe.unet = {k: v for k, v in pipe.unet.items() if ".motion_modules." not in k}
-    pipe.unet.update(motion)
+    bundle.unet = {k: v for k, v in bundle.unet.items() if ".motion_modules." not in k}
+    bundle.unet.update(motion)
   else:
     try:
-      info = dict(motion_keys.motion_info(pipe.unet), source="diffusers")
+      info = dict(motion_keys.motion_info(bundle.unet), source="diffusers")
     except CheckpointError as e:
       raise CheckpointError(f"{base}: the base has no motion modules; pass --motion-module") from e
   if motion_heads:
     info["heads"] = motion_heads
   fields = motion_fields(info, version, semantics)
-  pipe.info.update(version=fields.pop("version"), semantics=fields.pop("semantics"),
+  bundle.info.update(version=fields.pop("version"), semantics=fields.pop("semantics"),
                    motion_source=info["source"])
-  pipe.unet_config = dataclasses.replace(pipe.unet_config, **fields)
+  bundle.unet_config = dataclasses.replace(bundle.unet_config, **fields)
   for path in unet_weights:  # e.g. VideoMaker's released UNet: applied over the base, non-strictly.
     override = sources.read_state_dict(path, dtype)
     if motion_keys.is_original_motion_module(override):
       override = motion_keys.original_motion_to_diffusers(override)
-    known = {k: v for k, v in override.items() if k in pipe.unet}
+    known = {k: v for k, v in override.items() if k in bundle.unet}
     if not known:
       raise CheckpointError(f"{path}: none of its {len(override)} keys names a UNet weight")
-    pipe.unet.update(known)
+    bundle.unet.update(known)
   if loras:
     from vcjax.weights import lora_files
     for path, scale in loras:
-      parsed = lora_files.read_lora(path, {k.rpartition(".")[0] for k in pipe.unet},
-                                    config=pipe.unet_config)
-      pipe.unet = lora_files.merge_lora(pipe.unet, parsed.get("unet", {}), scale)
-      if parsed.get("text_encoder") and pipe.text_encoder is not None:
-        pipe.text_encoder = lora_files.merge_lora(pipe.text_encoder, parsed["text_encoder"], scale)
-  return pipe
+      parsed = lora_files.read_lora(path, {k.rpartition(".")[0] for k in bundle.unet},
+                                    config=bundle.unet_config)
+      bundle.unet = lora_files.merge_lora(bundle.unet, parsed.get("unet", {}), scale)
+      if parsed.get("text_encoder") and bundle.text_encoder is not None:
+        bundle.text_encoder = lora_files.merge_lora(bundle.text_encoder, parsed["text_encoder"], scale)
+  return bundle
