@@ -257,3 +257,81 @@ def test_generate_matches_animatediff_pipeline(pipe, random_pipeline, name, step
   err = rel_err(got.latents, to_channels_last_video(want))
   _record(f"generate {name} N={steps} CFG {cfg_scale} vs AnimateDiffPipeline: final latents", err)
   assert err <= 1e-4, err
+
+
+# --------------------------------------------------------------------------------------------------
+# AnimateLCM: its motion module (original AnimateDiff names, v2 layout with a mid block) and its kohya
+# LoRA (`lora_unet_...`), both in those layouts at tiny size, converted by convert/animatediff.py and
+# sampled with 4 LCM steps, vs diffusers' AnimateDiffPipeline + LCMScheduler + load_lora_weights.
+
+LCM_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+               "conv2", "time_emb_proj"]
+
+
+def _kohya_lora(unet_dir, path, rank=4, alpha=2.0):
+  """A random LoRA on the (spatial) UNet in kohya naming, as AnimateLCM_sd15_t2v_lora.safetensors."""
+  from diffusers import UNet2DConditionModel
+  from peft import LoraConfig
+  from peft.utils import get_peft_model_state_dict
+  from safetensors.numpy import save_file
+  torch.manual_seed(1)
+  unet = UNet2DConditionModel.from_pretrained(unet_dir)
+  unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=LCM_TARGETS, init_lora_weights=False))
+  sd = {k: v.detach().numpy() * np.float32(0.5) for k, v in get_peft_model_state_dict(unet).items()}
+  out = {}
+  for k, v in sd.items():
+    mod, kind = k.rsplit(".lora_", 1)
+    stem = "lora_unet_" + mod.replace(".", "_")
+    out[stem + (".lora_down.weight" if kind.startswith("A") else ".lora_up.weight")] = np.ascontiguousarray(v)
+    out[stem + ".alpha"] = np.asarray(alpha, np.float32)
+  save_file(out, path)
+  return sorted(out)
+
+
+def test_animatelcm_layouts_convert_and_sample_like_diffusers(random_pipeline, tmp_path):
+  import json
+
+  from convert.animatediff import main as convert_main
+  from tests.reference import rel_err, to_channels_last_video
+  from vcjax.pipeline import VideoPipeline, video_keys
+  keys = _kohya_lora(os.path.join(random_pipeline["base"], "unet"), str(tmp_path / "lcm_lora.safetensors"))
+  assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
+  assert any(k.startswith("lora_unet_mid_block_resnets_0_conv1.") for k in keys)
+  mm = torch.load(random_pipeline["motion_original"], map_location="cpu", weights_only=True)["state_dict"]
+  assert any(k.startswith("mid_block.motion_modules.0.temporal_transformer.") for k in mm)  # AnimateLCM's layout
+  with open(os.path.join(random_pipeline["motion_diffusers"], "config.json")) as f:
+    heads = json.load(f)["motion_num_attention_heads"]
+  out = str(tmp_path / "animatelcm")
+  assert convert_main(["--base", random_pipeline["base"], "--motion-module", random_pipeline["motion_original"],
+                       "--motion-heads", str(heads), "--norm-semantics", "diffusers",
+                       "--lora", f"{tmp_path / 'lcm_lora.safetensors'}:0.8", "--out", out]) == 0
+
+  steps, cfg_scale = 4, 1.5
+  cfg = S.SchedulerConfig(beta_schedule="linear")  # diffusers' AnimateLCM example: LCMScheduler, linear betas
+  ref = _diffusers_pipeline(random_pipeline, make_diffusers("lcm", cfg, steps))
+  ref.load_lora_weights(str(tmp_path / "lcm_lora.safetensors"), adapter_name="lcm-lora")
+  ref.set_adapters(["lcm-lora"], [0.8])
+  shape = (FRAMES, SIZE // 8, SIZE // 8, 4)
+  noise = np.random.default_rng(2).standard_normal((1,) + shape).astype(np.float32)
+  key = video_keys([0])[2][0]
+  step_noise = [np.asarray(jax.random.normal(jax.random.fold_in(key, i), shape)).transpose(3, 0, 1, 2)[None]
+                for i in range(steps)]
+  prompt = "a rocket launching"
+  with torch.no_grad(), fixed_noise("lcm", step_noise):
+    want = ref(prompt=prompt, negative_prompt="", num_frames=FRAMES, height=SIZE, width=SIZE,
+               num_inference_steps=steps, guidance_scale=cfg_scale,
+               latents=torch.from_numpy(noise.transpose(0, 4, 1, 2, 3).copy()), output_type="latent").frames.numpy()
+  got = VideoPipeline.from_pretrained(out).generate(
+      [prompt], seeds=[0], negative_prompt="", num_frames=FRAMES, height=SIZE, width=SIZE, steps=steps,
+      guidance_scale=cfg_scale, scheduler="lcm", init_noise=noise, scheduler_config=cfg, decode=False,
+      devices=jax.devices()[:1])
+  err = rel_err(got.latents, to_channels_last_video(want))
+  _record("AnimateLCM layouts (original mm + kohya LoRA 0.8), 4 LCM steps vs diffusers: final latents", err)
+  assert err <= 1e-4, err
+  # The LoRA really is in there: without it diffusers' result moves well away.
+  ref.set_adapters(["lcm-lora"], [0.0])
+  with torch.no_grad(), fixed_noise("lcm", step_noise):
+    plain = ref(prompt=prompt, negative_prompt="", num_frames=FRAMES, height=SIZE, width=SIZE,
+                num_inference_steps=steps, guidance_scale=cfg_scale,
+                latents=torch.from_numpy(noise.transpose(0, 4, 1, 2, 3).copy()), output_type="latent").frames.numpy()
+  assert rel_err(plain, want) > 1e-2

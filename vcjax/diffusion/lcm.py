@@ -12,21 +12,26 @@ video, like DDIM with eta > 0); diffusers draws it with randn_tensor. The model 
 init_noise_sigma is 1.
 
 AnimateLCM (G-U-N/AnimateLCM; wangfuyun/AnimateLCM on the Hub) ships two files, both read by
-`convert/animatediff.py`:
-  * `AnimateLCM_sd15_t2v.ckpt`: a motion module in the original AnimateDiff key naming, v2-like (motion
-    modules in the down, up AND mid blocks, 32 positions), e.g.
+`convert/animatediff.py` as they are:
+  * `AnimateLCM_sd15_t2v.ckpt`: a motion module in the original AnimateDiff key naming, v2 layout (motion
+    modules in the down, up AND mid blocks; its config: 8 heads, 1 transformer block, two Temporal_Self
+    attentions, temporal position encoding), keys like
     `down_blocks.0.motion_modules.0.temporal_transformer.proj_in.weight`,
     `...temporal_transformer.transformer_blocks.0.attention_blocks.0.to_q.weight` (to_k, to_v,
-    to_out.0.{weight,bias}), `...attention_blocks.0.pos_encoder.pe` `(1, 32, C)`, `...norms.{0,1}`,
-    `...ff.net.0.proj`, `...ff.net.2`, `...ff_norm`, `mid_block.motion_modules.0....`
-    -> `--motion-module AnimateLCM_sd15_t2v.ckpt` (the version is detected from the mid block).
-  * `AnimateLCM_sd15_t2v_lora.safetensors`: a kohya-style LoRA on the SD1.5 UNet (the spatial layers),
-    `lora_unet_<module path with _>.lora_down.weight` `(r, in[, 1, 1])`, `.lora_up.weight`, `.alpha`, e.g.
-    `lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight`,
-    `lora_unet_mid_block_attentions_0_proj_in.lora_up.weight`, resnets' conv1/conv2/time_emb_proj too
-    -> `--lora AnimateLCM_sd15_t2v_lora.safetensors:0.8` (merged at 0.8, diffusers' docs' adapter weight).
-Then sample with `--config.scheduler.name=lcm --config.steps=4 --config.guidance_scale=1.5` (the LCM
-scheduler over the model's config with `beta_schedule="linear"`, as diffusers' AnimateLCM example).
+    to_out.0.{weight,bias}), `...attention_blocks.{0,1}.pos_encoder.pe`, `...norms.{0,1}`, `...ff.net.0.proj`,
+    `...ff.net.2`, `...ff_norm`, `mid_block.motion_modules.0.temporal_transformer....`
+    -> `--motion-module AnimateLCM_sd15_t2v.ckpt` (v2 is detected from the mid block; 8 heads is the default).
+  * `AnimateLCM_sd15_t2v_lora.safetensors`: a kohya-style LoRA on the spatial SD1.5 UNet,
+    `lora_unet_<diffusers module path, "." written "_">.lora_down.weight` `(r, in[, kh, kw])`,
+    `.lora_up.weight` `(out, r[, 1, 1])`, `.alpha` (scale alpha / r), e.g.
+    `lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight`
+    -> `--lora AnimateLCM_sd15_t2v_lora.safetensors:0.8` (merged at 0.8, the adapter weight of diffusers' docs).
+Then sample with `--config.scheduler.name=lcm --config.steps=4 --config.guidance_scale=1.5` and linear betas
+(diffusers' AnimateLCM example: `LCMScheduler.from_config(base_config, beta_schedule="linear")`, so
+original_inference_steps 50: 4 steps are 999, 759, 499, 259; the authors' own inference config uses 100:
+`--config.scheduler.original_inference_steps=100` gives their 999, 749, 499, 249).
+tests/test_sigma_schedulers.py builds both layouts at tiny size (random weights), converts and samples them,
+and compares with diffusers' AnimateDiffPipeline + LCMScheduler + load_lora_weights.
 """
 
 from __future__ import annotations
