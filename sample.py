@@ -67,7 +67,7 @@ def run(cfg) -> list[str]:
     raise ValueError(f"model folder not found: {cfg.model!r} (convert one with convert/animatediff.py)")
   if cfg.height % 8 or cfg.width % 8:
     raise ValueError(f"height and width must be divisible by 8, got {cfg.height}x{cfg.width}")
-  pipe = VideoPipeline.from_pretrained(cfg.model, dtype=cfg.dtype or None)
+  pipe = VideoPipeline.from_pretrained(cfg.model, dtype=cfg.dtype or None, attention=cfg.get("attention") or None)
   if cfg.num_frames > pipe.max_frames:
     raise ValueError(f"{cfg.num_frames} frames exceed the motion module's positional-encoding length "
                      f"{pipe.max_frames}")

@@ -147,7 +147,7 @@ def vcjax_worker(args) -> dict:
     dcfg = json.load(f)
   cfg = UNet3DConfig(**unet_fields_from_diffusers(dcfg), motion_max_seq_length=dcfg["motion_max_seq_length"],
                      motion_mid_block=dcfg["use_motion_mid_block"], dtype="bfloat16", param_dtype="bfloat16",
-                     **norm_semantics("diffusers", "v2"))
+                     attention=args.attention, **norm_semantics("diffusers", "v2"))
   unet = from_state_dict("unet", cfg, safetensors.numpy.load_file(os.path.join(args.work_dir, "unet.safetensors")),
                          dtype=jnp.bfloat16)
   device = jax.devices()[0]
@@ -211,7 +211,7 @@ def vcjax_worker(args) -> dict:
 def run_worker(name: str, args) -> dict:
   argv = ["--worker", name, "--work-dir", args.work_dir, "--preset", args.preset, "--frames", str(args.frames),
           "--size", str(args.size), "--steps", str(args.steps), "--repeat", str(args.repeat),
-          "--train-repeat", str(args.train_repeat), "--guidance", str(args.guidance)]
+          "--train-repeat", str(args.train_repeat), "--guidance", str(args.guidance), "--attention", args.attention]
   return harness.run_worker(__file__, argv, what=f"{name} worker")
 
 
@@ -225,6 +225,8 @@ def main(argv=None) -> int:
   p.add_argument("--repeat", type=int, default=2)
   p.add_argument("--train-repeat", type=int, default=5)
   p.add_argument("--peak-tflops", type=float, default=None)
+  p.add_argument("--attention", default="auto",
+                 help='vcjax attention kernel (UNet3DConfig.attention): "auto", "cudnn", "chunked,chunk_bytes=N", ...')
   p.add_argument("--workers", default="torch,vcjax")
   p.add_argument("--work-dir", default=None)
   p.add_argument("--worker", default=None, help=argparse.SUPPRESS)

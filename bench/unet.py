@@ -28,8 +28,8 @@ The last line is `ratio_time=X ratio_mem=Y` (vcjax / diffusers, forward time and
 
 vcjax compiles with `vcjax.compiler`'s options (on CPU: memory-optimized scheduler, no YNNPACK fusions), as
 its sampler and trainer do; --xla-defaults compiles with XLA's defaults instead.
-Options for experiments: --xla-flags (added to XLA_FLAGS of the vcjax worker), --attention (vcjax's global
-attention implementation), --workers, --work-dir (reuse the saved weights), --no-train.
+Options for experiments: --xla-flags (added to XLA_FLAGS of the vcjax worker), --attention (vcjax's attention
+kernel, UNet3DConfig.attention), --workers, --work-dir (reuse the saved weights), --no-train.
 """
 
 from __future__ import annotations
@@ -135,16 +135,14 @@ def vcjax_worker(args) -> dict:
   from vcjax import compiler
   from vcjax.loading import from_state_dict
   from vcjax.models.configs import UNet3DConfig, norm_semantics
-  from vcjax.nn import attention
   from vcjax.weights.bundle import unet_fields_from_diffusers
-  if args.attention:
-    attention.config.implementation = args.attention
   options = not args.xla_defaults  # False: XLA's defaults (less the YNNPACK miscompile, see vcjax.compiler)
   preset = PRESETS[args.preset]
   with open(os.path.join(args.work_dir, "config.json")) as f:
     dcfg = json.load(f)
   cfg = UNet3DConfig(**unet_fields_from_diffusers(dcfg), motion_max_seq_length=dcfg["motion_max_seq_length"],
-                     motion_mid_block=dcfg["use_motion_mid_block"], **norm_semantics("diffusers", "v2"))
+                     motion_mid_block=dcfg["use_motion_mid_block"], attention=args.attention or "auto",
+                     **norm_semantics("diffusers", "v2"))
   sd = safetensors.numpy.load_file(os.path.join(args.work_dir, "unet.safetensors"))
   unet = from_state_dict("unet", cfg, sd)
   del sd
@@ -270,7 +268,8 @@ def main(argv=None) -> int:
                  help="latent size of the LoRA step's input (default: --latent for tiny, 16 for sd15)")
   p.add_argument("--no-train", action="store_true")
   p.add_argument("--xla-flags", default="", help="added to XLA_FLAGS for the vcjax worker")
-  p.add_argument("--attention", default=None, help="vcjax global attention implementation")
+  p.add_argument("--attention", default=None,
+                 help='vcjax attention kernel (UNet3DConfig.attention), e.g. "chunked" or "chunked,chunk_bytes=8388608"')
   p.add_argument("--xla-defaults", action="store_true",
                  help="compile with XLA's default options instead of vcjax.compiler's")
   p.add_argument("--workers", default="torch,vcjax")

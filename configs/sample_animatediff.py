@@ -55,6 +55,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.gif = True
   c.fps = 8
   c.dtype = ""  # "" keeps the converted dtype; "bfloat16" for speed on accelerators
+  # Attention kernel: "auto" | "xla" | "chunked" | "cudnn" | "splash", optionally with fields of
+  # vcjax.nn.attention.AttentionConfig: "chunked,chunk_bytes=8388608".
+  c.attention = "auto"
   c.reference_noise = False  # VideoMaker's optional inference-time reference noising (configs/sample_videomaker.py)
   c.reference_noise_ratio = 0.01
   return c

@@ -11,11 +11,11 @@ from flax import nnx
 
 from tests.reference import rel_err
 from vcjax.nn import attention as A
-from vcjax.nn.attention import attention_implementation, dot_product_attention, select_implementation
+from vcjax.nn.attention import AttentionConfig, dot_product_attention, select_implementation
 
 # Small chunks so that the chunked path really runs several query chunks AND an online softmax over
 # several key chunks, with chunk sizes that do not divide the lengths.
-SMALL_CHUNKS = dict(chunk_bytes=2 * 3 * 24 * 4, min_query_chunk=24, key_chunk=40)
+SMALL_CHUNKS = AttentionConfig(chunk_bytes=2 * 3 * 24 * 4, min_query_chunk=24, key_chunk=40)
 
 
 def reference(q, k, v, mask=None):
@@ -45,9 +45,8 @@ IMPLS = ["xla", "chunked", "splash"]
 
 
 def run(impl, q, k, v, mask=None):
-  with attention_implementation(None, **SMALL_CHUNKS):
-    return np.asarray(dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask=mask,
-                                            implementation=impl))
+  return np.asarray(dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask=mask,
+                                          implementation=impl, config=SMALL_CHUNKS))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -139,7 +138,7 @@ def test_chunk_plan():
   assert A.chunk_plan(128, 1024, 77, 2 << 20) == (4, 1024, 77)  # cross-attention
   assert A.chunk_plan(16, 4096, 4096, 256 << 20) == (4, 4096, 4096)
   g, qc, kc = A.chunk_plan(1, 10 ** 6, 10 ** 6, 2 << 20)  # a million tokens: online softmax over keys
-  assert kc == A.config.key_chunk and g * qc * kc * 4 <= 2 << 20
+  assert kc == AttentionConfig().key_chunk and g * qc * kc * 4 <= 2 << 20
 
 
 @pytest.mark.parametrize("impl", ["chunked", "splash"])
@@ -149,8 +148,7 @@ def test_gradients_match_plain(impl):
 
   def loss(impl):
     def f(q, k, v):
-      with attention_implementation(None, **SMALL_CHUNKS):
-        return jnp.sum(dot_product_attention(q, k, v, implementation=impl) * w)
+      return jnp.sum(dot_product_attention(q, k, v, implementation=impl, config=SMALL_CHUNKS) * w)
     return jax.grad(f, argnums=(0, 1, 2))(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))
 
   want = loss("xla")
@@ -177,12 +175,12 @@ def test_selection_rules():
     k = jax.ShapeDtypeStruct((b, lk, n, d), dtype)
     return select_implementation(q, k, backend=backend, **kw)
 
-  # Temporal attention (16 frames) is always plain, whatever the backend or global setting.
+  # Temporal attention (16 frames) is always plain, whatever the backend or configured choice.
   for backend in ("cpu", "gpu", "tpu"):
     assert sel(4096, 16, 16, 8, 40, jnp.bfloat16, backend) == "xla"
-  with attention_implementation("chunked"):
-    assert sel(4096, 16, 16, 8, 40) == "xla"
-    assert sel(16, 1024, 1024, 8, 40) == "chunked"
+  chunked = AttentionConfig(implementation="chunked")
+  assert sel(4096, 16, 16, 8, 40, config=chunked) == "xla"
+  assert sel(16, 1024, 1024, 8, 40, config=chunked) == "chunked"
   # Automatic: TPU splash, GPU cuDNN for bf16 (not fp32, not with a mask, not head size > 256).
   assert sel(16, 4096, 4096, 8, 40, backend="tpu") == "splash"
   assert sel(16, 4096, 77, 8, 40, jnp.bfloat16, "gpu") == "cudnn"
@@ -192,7 +190,7 @@ def test_selection_rules():
   assert sel(2, 77, 77, 8, 40) == "chunked"
   assert sel(2, 77, 77, 8, 40, mask=np.ones((77, 77), bool)) == "chunked"
   # GPU without cuDNN: plain below the logits threshold (fp32 B*N*Lq*Lk*4 bytes), chunked above it.
-  small = A.config.chunk_threshold_bytes // (8 * 1024 * 1024 * 4)
+  small = AttentionConfig().chunk_threshold_bytes // (8 * 1024 * 1024 * 4)
   assert sel(small, 1024, 1024, 8, 40, backend="gpu") == "xla"
   assert sel(small + 1, 1024, 1024, 8, 40, backend="gpu") == "chunked"
   # A call's own choice wins; one that cannot run raises instead of silently falling back.
@@ -206,11 +204,11 @@ def test_selection_rules():
     sel(2, 256, 256, 8, 40, implementation="splash", mask=np.ones((2, 1, 256, 256), bool))
   with pytest.raises(ValueError, match="unknown"):
     sel(2, 256, 256, 8, 40, implementation="fast")
-  # A global setting that cannot run a call falls back to the automatic rule.
-  with attention_implementation("cudnn"):
-    assert sel(2, 1024, 1024, 8, 40) == "chunked"
-    assert sel(2, 1024, 1024, 8, 40, backend="gpu") == "xla"
-  assert A.config.implementation is None  # the context manager restored the setting
+  # A configured choice that cannot run a call falls back to the automatic rule.
+  cudnn = AttentionConfig(implementation="cudnn")
+  assert sel(2, 1024, 1024, 8, 40, config=cudnn) == "chunked"
+  assert sel(2, 1024, 1024, 8, 40, backend="gpu", config=cudnn) == "xla"
+  assert AttentionConfig().implementation == "auto"  # no process-wide setting: the default is automatic
 
 
 def test_attention_module_per_call_implementation_under_jit():
@@ -265,3 +263,72 @@ def test_unet_bf16_close_to_fp32():
   # (With larger random weights, kernels randn/sqrt(fan_in), this is 2.1e-2 to 2.4e-2, and diffusers'
   # UNetMotionModel in bf16 vs fp32 is 1.9e-2 to 2.0e-2: bf16 rounding amplified by random weights.)
   assert err < 2e-2
+
+
+# ------------------------------------------------------------------------- static configuration, variants
+
+
+def test_attention_config_parse_and_model_configs():
+  from vcjax.models.configs import CLIPTextConfig, UNet3DConfig, VAEConfig, tiny_unet
+  assert AttentionConfig.parse(None) == AttentionConfig.parse("auto") == AttentionConfig()
+  assert AttentionConfig.parse("flash").implementation == "splash"
+  spec = AttentionConfig.parse("chunked,chunk_bytes=8388608,splash_interpret=true")
+  assert spec == AttentionConfig(implementation="chunked", chunk_bytes=8 << 20, splash_interpret=True)
+  assert AttentionConfig.parse(dataclasses.asdict(spec)) == spec
+  for bad in ("fast", "chunked,chunk_bytes", "chunked,nothing=1"):
+    with pytest.raises(ValueError):
+      AttentionConfig.parse(bad)
+  # A field of every model config (a string is parsed); older saved configs without it load the default.
+  cfg = tiny_unet(attention="chunked")
+  assert cfg.attention == AttentionConfig(implementation="chunked") and hash(cfg) != hash(tiny_unet())
+  assert UNet3DConfig.from_dict(cfg.to_dict()) == cfg
+  old = {k: v for k, v in tiny_unet().to_dict().items() if k not in ("attention", "remat")}
+  assert UNet3DConfig.from_dict(old) == tiny_unet()
+  for config_cls in (VAEConfig, CLIPTextConfig):
+    assert config_cls.from_dict({"attention": "xla"}).attention.implementation == "xla"
+    assert config_cls.from_dict({}).attention == AttentionConfig()
+
+
+def test_attention_choice_is_static_and_keys_the_compiled_function():
+  """The kernel choice lives in the graphdef: a jitted function taking the graphdef statically traces
+  again for another choice (never reuses a stale one), and the results agree."""
+  from vcjax import compiler
+  traces = []
+
+  @compiler.jit(static_argnums=(0,))
+  def forward(graphdef, state, x, ctx):
+    traces.append(1)
+    return nnx.merge(graphdef, state)(x, ctx)
+
+  x = jax.random.normal(jax.random.key(1), (2, 100, 64))
+  ctx = jax.random.normal(jax.random.key(2), (2, 77, 32))
+  outs = []
+  for impl in ("xla", "chunked", "xla"):
+    attn = A.Attention(64, 4, context_dim=32, attention_config=AttentionConfig(implementation=impl),
+                       rngs=nnx.Rngs(0))
+    outs.append(forward(*nnx.split(attn), x, ctx))
+  assert len(traces) == 2  # xla, chunked; the second xla call hits the cache
+  assert rel_err(outs[1], outs[0]) <= 1e-6 and rel_err(outs[2], outs[0]) == 0
+
+
+def test_set_attention_selects_layers_by_path():
+  from vcjax.models.configs import tiny_unet
+  from vcjax.models.unet3d import UNet3D
+  unet = nnx.eval_shape(lambda: UNet3D(tiny_unet(motion_mid_block=True), rngs=nnx.Rngs(0)))
+  layers = dict(A.attention_layers(unet))
+  spatial = [p for p in layers if ".attentions." in f".{p}" and "motion_modules" not in p]
+  # 6 spatial transformer blocks (2 down, 1 mid, 3 up); 11 motion modules (2 + 2 down, 1 mid, 3 + 3 up).
+  assert len(spatial) == 2 * 6 and len(layers) == len(spatial) + 2 * 11
+  assert A.set_attention(unet, "pisa") == 6
+  assert A.set_attention(unet, "start_token_detach") == 6
+  for path, layer in layers.items():
+    want = "default" if "motion_modules" in path else {"attn1": "pisa", "attn2": "start_token_detach"}[path[-5:]]
+    assert layer.variant == want, path
+  # with_attention: a clone with the variant set; the model itself (and its graphdef) unchanged.
+  before = nnx.graphdef(unet)
+  plain = A.with_attention(unet, "default")
+  assert plain is not unet and all(m.variant == "default" for _, m in A.attention_layers(plain))
+  assert nnx.graphdef(unet) == before and nnx.graphdef(plain) != before
+  assert A.with_attention(plain, "default") is plain  # already set: nothing to clone
+  with pytest.raises(ValueError, match="unknown attention variant"):
+    A.set_attention(unet, "fast")

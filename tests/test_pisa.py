@@ -1,6 +1,8 @@
 """VideoMaker's PISA and the reference-frame UNet call, against a PyTorch re-statement of the authors'
 attention processor installed in diffusers' UNetMotionModel; plus unit tests of the PISA semantics."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,8 +12,8 @@ import torch.nn.functional as F
 from flax import nnx
 
 from tests.reference import rel_err, to_channels_last_video
-from vcjax.nn.attention import Attention
-from vcjax.nn.pisa import joint_frame_attention, pisa_self_attention
+from vcjax.nn.attention import Attention, dot_product_attention, with_attention
+from vcjax.nn.attention_variants import ALL, joint_frame_attention
 from vcjax.methods.videomaker import encode_reference, load_reference_image, unet_with_reference
 
 VIDEO_FRAMES = 3
@@ -120,17 +122,26 @@ def test_unet_with_reference_matches_diffusers_with_pisa_processor(models):
 
 
 def test_unet_with_reference_wiring():
-  """Reference appended last, same timestep, hook for F+1 frames, outputs split; batch-1 reference broadcasts."""
+  """Reference appended last, same timestep, PISA on the spatial attn1 of the UNet it calls (not on the
+  caller's, which stays plain), outputs split; batch-1 reference broadcasts."""
+  from vcjax.models.blocks import TransformerBlock
   calls = {}
 
-  def fake_unet(x, t, c, *, self_attention):
-    calls.update(shape=x.shape, t=t, hook=self_attention)
-    return x * 2.0
+  class FakeUNet(nnx.Module):
+    def __init__(self):
+      self.transformer_blocks = nnx.List([TransformerBlock(8, 2, None, rngs=nnx.Rngs(0))])
 
+    def __call__(self, x, t, c):
+      block = self.transformer_blocks[0]
+      calls.update(shape=x.shape, t=t, hook=(block.attn1.variant, block.attn2.variant))
+      return x * 2.0
+
+  fake_unet = FakeUNet()
   latents = jnp.arange(2 * 3 * 2 * 2 * 4, dtype=jnp.float32).reshape(2, 3, 2, 2, 4)
   reference = -jnp.ones((1, 1, 2, 2, 4))
   eps, eps_ref = unet_with_reference(fake_unet, latents, reference, 7, None, return_reference=True)
-  assert calls["shape"] == (2, 4, 2, 2, 4) and calls["t"] == 7 and callable(calls["hook"])
+  assert calls["shape"] == (2, 4, 2, 2, 4) and calls["t"] == 7 and calls["hook"] == ("pisa", "default")
+  assert fake_unet.transformer_blocks[0].attn1.variant == "default"
   np.testing.assert_array_equal(eps, latents * 2.0)
   np.testing.assert_array_equal(eps_ref, -2.0 * jnp.ones((2, 1, 2, 2, 4)))
   assert unet_with_reference(fake_unet, latents, reference, 7, None).shape == latents.shape
@@ -147,6 +158,11 @@ def attention_module(dim=16, heads=2, seed=0):
 
 def video_tokens(b, frames_incl_ref, length=6, dim=16, seed=0):
   return jax.random.normal(jax.random.key(seed), (b * frames_incl_ref, length, dim))
+
+
+def pisa_self_attention(num_frames: int):
+  """`fn(attn, h)`: attn with the "pisa" variant (on a clone) over h `(B*num_frames, L, C)`."""
+  return lambda attn, h: with_attention(attn, "pisa", where=ALL)(h, frames=num_frames)
 
 
 def test_single_frame_is_plain_attention_over_concatenated_tokens():
@@ -186,13 +202,14 @@ def test_jit_and_pure_function():
   q = attn.split_heads(attn.to_q(h))
   k = attn.split_heads(attn.to_k(h))
   v = attn.split_heads(attn.to_v(h))
-  pure = jax.jit(joint_frame_attention, static_argnums=3)(q, k, v, f1)
+  pure = jax.jit(functools.partial(joint_frame_attention, attend=dot_product_attention), static_argnums=3)(
+      q, k, v, f1)
   assert pure.shape == q.shape
   assert rel_err(attn.to_out(pure.reshape(*pure.shape[:2], -1)), eager) <= 1e-6
   with pytest.raises(ValueError):
-    pisa_self_attention(1)
+    pisa_self_attention(1)(attn, h)
   with pytest.raises(ValueError):
-    joint_frame_attention(q, k, v, 5)  # 12 rows are not a multiple of 5
+    joint_frame_attention(q, k, v, 5, attend=dot_product_attention)  # 12 rows are not a multiple of 5
 
 
 def test_encode_reference_matches_diffusers_vae(models):

@@ -55,11 +55,16 @@ class VideoPipeline:
     self.added_tokens: dict[str, str] = {}  # token -> the file its embedding came from (load_textual_inversion)
 
   @classmethod
-  def from_pretrained(cls, folder: str, *, dtype=None) -> "VideoPipeline":
+  def from_pretrained(cls, folder: str, *, dtype=None, attention=None) -> "VideoPipeline":
+    """attention: the attention kernel of every model (an `AttentionConfig`, or a string such as
+    "chunked" / "chunked,chunk_bytes=8388608"); None keeps the converted configs' (automatic)."""
     from vcjax import loading
-    return cls(loading.load_unet(folder, dtype=dtype), loading.load_vae(folder, dtype=dtype),
-               loading.load_text_encoder(folder, dtype=dtype), loading.load_tokenizer(folder),
-               loading.load_scheduler_config(folder))
+    from vcjax.models.configs import reconfigure
+    models = (loading.load_unet(folder, dtype=dtype), loading.load_vae(folder, dtype=dtype),
+              loading.load_text_encoder(folder, dtype=dtype))
+    if attention is not None:
+      models = tuple(reconfigure(m, attention=attention) for m in models)
+    return cls(*models, loading.load_tokenizer(folder), loading.load_scheduler_config(folder))
 
   def scheduler_settings(self, overrides: Mapping[str, Any] | None = None) -> SchedulerConfig:
     """The model's scheduler config with `overrides` (field -> value) on top, as diffusers'

@@ -2,7 +2,7 @@
 
 The reference image (subject on white, pixels in [-1, 1]) is VAE-encoded and appended as an extra LAST
 frame; the whole UNet runs on F+1 frames at the same timestep, with PISA replacing every spatial
-self-attention (`vcjax.nn.pisa`); the reference also goes through text cross-attention and the motion
+self-attention (the "pisa" variant of `vcjax.nn.attention_variants`); the reference also goes through text cross-attention and the motion
 modules like any frame. Its prediction is dropped at inference and supervised by the GIRL loss in training.
 
     ref = encode_reference(vae, image[None], key)                       # (1, 1, h, w, 4)
@@ -17,7 +17,7 @@ import os
 import jax.numpy as jnp
 import numpy as np
 
-from vcjax.nn.pisa import pisa_self_attention
+from vcjax.nn.attention import with_attention
 
 
 def encode_reference(vae, image, key=None):
@@ -38,6 +38,10 @@ def unet_with_reference(unet, latents, reference, timesteps, context, *, return_
   lightly noised in training, zeros for the unconditional CFG branch), timesteps `(B,)` or scalar (the
   same t for every frame, the reference included), context `(B, T, D)`.
   Returns eps `(B, F, h, w, C)`, plus the reference's prediction `(B, 1, h, w, C)` if `return_reference`.
+
+  PISA is set on a clone of `unet` that shares its arrays (`with_attention`; `unet` itself when it has
+  PISA already): the caller's module, and so the graphdef a jitted caller was traced with, never changes,
+  and the same UNet still runs plain text-to-video elsewhere.
   """
   b, f = latents.shape[:2]
   if reference.ndim != 5 or reference.shape[1] != 1 or reference.shape[2:] != latents.shape[2:]:
@@ -45,7 +49,7 @@ def unet_with_reference(unet, latents, reference, timesteps, context, *, return_
                      f" got {reference.shape}")
   reference = jnp.broadcast_to(reference, (b, *reference.shape[1:])).astype(latents.dtype)
   x = jnp.concatenate([latents, reference], axis=1)
-  eps = unet(x, timesteps, context, self_attention=pisa_self_attention(f + 1))
+  eps = with_attention(unet, "pisa")(x, timesteps, context)
   if return_reference:
     return eps[:, :f], eps[:, f:]
   return eps[:, :f]

@@ -2,17 +2,38 @@
 
 Every block takes video activations `(B, F, H, W, C)`; convolutions and attention treat frames as batch.
 Attribute names mirror diffusers' UNetMotionModel so that checkpoints load by name.
+
+Gradient checkpointing is a build-time choice (`UNet3DConfig.remat`): a block built with `remat=True` runs
+its `__call__` under `nnx.remat` (only the block's inputs are kept; its activations are recomputed in the
+backward pass). The flag is static, so it is part of the graphdef.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from vcjax import parallel
-from vcjax.nn.attention import Attention
+from vcjax.nn.attention import Attention, AttentionConfig
 from vcjax.nn.layers import Conv, GEGLUFeedForward, GroupNorm, LayerNorm, Linear
+
+
+def checkpointed(call):
+  """Method decorator: run the block under `nnx.remat` when it was built with `remat=True`.
+
+  Positional arguments are the block's arrays; keyword arguments (static settings) are closed over.
+  """
+
+  @functools.wraps(call)
+  def wrapper(self, *args, **kwargs):
+    if not self.remat:
+      return call(self, *args, **kwargs)
+    return nnx.remat(lambda module, *arrays: call(module, *arrays, **kwargs))(self, *args)
+
+  return wrapper
 
 
 class ResnetBlock(nnx.Module):
@@ -23,8 +44,10 @@ class ResnetBlock(nnx.Module):
   """
 
   def __init__(self, in_channels: int, out_channels: int, temb_channels: int, *, groups: int, eps: float,
-               across_frames: bool, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+               across_frames: bool, remat: bool = False, rngs: nnx.Rngs, dtype=jnp.float32,
+               param_dtype=jnp.float32):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.remat = remat
     norm_kw = dict(epsilon=eps, across_frames=across_frames, param_dtype=param_dtype)
     self.norm1 = GroupNorm(groups, in_channels, **norm_kw)
     self.conv1 = Conv(in_channels, out_channels, 3, **kw)
@@ -33,6 +56,7 @@ class ResnetBlock(nnx.Module):
     self.conv2 = Conv(out_channels, out_channels, 3, **kw)
     self.conv_shortcut = Conv(in_channels, out_channels, 1, **kw) if in_channels != out_channels else None
 
+  @checkpointed
   def __call__(self, x, temb):
     h = self.conv1(jax.nn.silu(self.norm1(x)))
     h = h + self.time_emb_proj(jax.nn.silu(temb))[:, None, None, None, :]
@@ -49,26 +73,28 @@ class TransformerBlock(nnx.Module):
   `pos_embed`, if given, is added to the normed input of both attentions (AnimateDiff's temporal pe).
   """
 
-  def __init__(self, dim: int, heads: int, cross_attention_dim: int | None, *, rngs: nnx.Rngs,
-               dtype=jnp.float32, param_dtype=jnp.float32):
+  def __init__(self, dim: int, heads: int, cross_attention_dim: int | None, *,
+               attention_config: AttentionConfig | None = None, rngs: nnx.Rngs, dtype=jnp.float32,
+               param_dtype=jnp.float32):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.norm1 = LayerNorm(dim, epsilon=1e-5, param_dtype=param_dtype)
-    self.attn1 = Attention(dim, heads, **kw)
+    self.attn1 = Attention(dim, heads, attention_config=attention_config, **kw)
     self.norm2 = LayerNorm(dim, epsilon=1e-5, param_dtype=param_dtype)
-    self.attn2 = Attention(dim, heads, context_dim=cross_attention_dim, **kw)
+    self.attn2 = Attention(dim, heads, context_dim=cross_attention_dim, attention_config=attention_config, **kw)
     self.norm3 = LayerNorm(dim, epsilon=1e-5, param_dtype=param_dtype)
     self.ff = GEGLUFeedForward(dim, **kw)
 
-  def __call__(self, x, context=None, *, pos_embed=None, self_attention=None):
-    """self_attention: optional replacement for `attn1(h)` taking (attn1, h) (VideoMaker's PISA)."""
+  def __call__(self, x, context=None, *, pos_embed=None, frames: int | None = None):
+    """frames: frames per batch element folded into x's leading axis, for the attention variants
+    (see `Attention.__call__`); None for the motion module's `(positions, F, C)` tokens."""
     h = self.norm1(x)
     if pos_embed is not None:
       h = h + pos_embed
-    x = x + (self_attention(self.attn1, h) if self_attention is not None else self.attn1(h))
+    x = x + self.attn1(h, frames=frames)
     h = self.norm2(x)
     if pos_embed is not None:
       h = h + pos_embed
-    x = x + self.attn2(h, context)
+    x = x + self.attn2(h, context, frames=frames)
     return x + self.ff(self.norm3(x))
 
 
@@ -81,22 +107,26 @@ class SpatialTransformer(nnx.Module):
   """
 
   def __init__(self, channels: int, heads: int, cross_attention_dim: int, *, depth: int = 1, groups: int,
-               eps: float, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+               eps: float, attention_config: AttentionConfig | None = None, remat: bool = False,
+               rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.remat = remat
     self.norm = GroupNorm(groups, channels, epsilon=eps, param_dtype=param_dtype)
     self.proj_in = Linear(channels, channels, **kw)
     self.transformer_blocks = nnx.List(
-        [TransformerBlock(channels, heads, cross_attention_dim, **kw) for _ in range(depth)])
+        [TransformerBlock(channels, heads, cross_attention_dim, attention_config=attention_config, **kw)
+         for _ in range(depth)])
     self.proj_out = Linear(channels, channels, **kw)
 
-  def __call__(self, x, context, *, self_attention=None):
+  @checkpointed
+  def __call__(self, x, context):
     b, f, hgt, wid, c = x.shape
     x = parallel.constrain(x, "video")  # sequence parallelism: frames over the "seq" mesh axis
     h = self.proj_in(self.norm(x)).reshape(b * f, hgt * wid, c)
     h = parallel.constrain(h, "frame_tokens", batch=b)
     ctx = jnp.repeat(context, f, axis=0)  # frames share the prompt: (B*F, T, Dc)
     for block in self.transformer_blocks:
-      h = block(h, ctx, self_attention=self_attention)
+      h = block(h, ctx, frames=f)
     return x + self.proj_out(h).reshape(b, f, hgt, wid, c)
 
 

@@ -58,11 +58,12 @@ def clip_text_state_dict(state_dict: Mapping[str, object]) -> dict[str, object]:
 class CLIPAttention(nnx.Module):
   """Causal multi-head self-attention with biased q/k/v/out projections. x `(B, T, D)` -> `(B, T, D)`."""
 
-  def __init__(self, dim: int, heads: int, *, rngs: nnx.Rngs, dtype, param_dtype):
+  def __init__(self, dim: int, heads: int, *, attention_config=None, rngs: nnx.Rngs, dtype, param_dtype):
     if dim % heads:
       raise ValueError(f"hidden size {dim} is not divisible by {heads} heads")
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.heads = heads
+    self.attention_config = attention_config  # static: the kernel choice (None: automatic)
     self.q_proj = Linear(dim, dim, **kw)
     self.k_proj = Linear(dim, dim, **kw)
     self.v_proj = Linear(dim, dim, **kw)
@@ -73,7 +74,7 @@ class CLIPAttention(nnx.Module):
       return t.reshape(*t.shape[:-1], self.heads, t.shape[-1] // self.heads)
 
     out = dot_product_attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)),
-                                mask=mask)
+                                mask=mask, config=self.attention_config)
     return self.out_proj(out.reshape(*out.shape[:-2], -1))
 
 
@@ -98,7 +99,7 @@ class CLIPEncoderLayer(nnx.Module):
   def __init__(self, config: CLIPTextConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
     d = config.hidden_size
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-    self.self_attn = CLIPAttention(d, config.num_attention_heads, **kw)
+    self.self_attn = CLIPAttention(d, config.num_attention_heads, attention_config=config.attention, **kw)
     self.layer_norm1 = LayerNorm(d, epsilon=config.layer_norm_eps, param_dtype=param_dtype)
     self.mlp = CLIPMLP(d, config.intermediate_size, config.hidden_act, **kw)
     self.layer_norm2 = LayerNorm(d, epsilon=config.layer_norm_eps, param_dtype=param_dtype)

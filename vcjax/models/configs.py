@@ -2,6 +2,13 @@
 
 Presets: SD1.5 UNet + AnimateDiff v1/v2/v3 motion modules, the SD VAE, SD1.5's CLIP ViT-L/14 text
 tower, and tiny versions of each for tests. See ../shared/docs/METHODS.md §1.
+
+Besides the architecture, a config carries how the model runs, where that is static: `attention` (the
+kernel and its chunk settings, an `AttentionConfig`; a string such as "chunked" or
+"chunked,chunk_bytes=8388608" is accepted) and, for the UNet, `remat` (gradient checkpointing per
+resnet / spatial transformer / motion module). Configs are hashed into the graphdef, so a compiled
+function's cache key includes them. Saved configs without these fields (older folders) load with the
+defaults; `reconfigure` changes them on a built model.
 """
 
 from __future__ import annotations
@@ -9,8 +16,30 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from vcjax.nn.attention import AttentionConfig
+
 # Which GroupNorm sites pool statistics across frames. "original" depends on the motion-module version.
 NORM_SEMANTICS = ("original", "diffusers")
+
+
+def _parse_attention(config) -> None:
+  # A frozen dataclass: the field is replaced in place once, at construction (str / dict -> AttentionConfig).
+  object.__setattr__(config, "attention", AttentionConfig.parse(config.attention))
+
+
+def reconfigure(module, **fields):
+  """`module` (UNet3D, AutoencoderKL or CLIPTextModel) rebuilt with `fields` of its config replaced and
+  the same parameters, for the fields that leave the parameter tree alone (`attention`, `remat`). Returns
+  `module` itself when nothing changes. Attention variants set on the old module are not carried over:
+  reconfigure first, then set them."""
+  from flax import nnx
+  config = module.config
+  new = dataclasses.replace(config, **fields)
+  if new == config:
+    return module
+  rebuilt = nnx.eval_shape(lambda: type(module)(new, rngs=nnx.Rngs(0)))
+  nnx.update(rebuilt, nnx.state(module))
+  return rebuilt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +72,12 @@ class UNet3DConfig:
   motion_norm_across_frames: bool = True
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"
+  # How it runs (no effect on the parameters).
+  attention: AttentionConfig = AttentionConfig()
+  remat: bool = False
+
+  def __post_init__(self):
+    _parse_attention(self)
 
   def heads(self, block: int) -> int:
     h = self.num_attention_heads
@@ -109,6 +144,10 @@ class VAEConfig:
   scaling_factor: float = 0.18215
   dtype: str = "float32"
   param_dtype: str = "float32"
+  attention: AttentionConfig = AttentionConfig()  # the mid-block attention's kernel
+
+  def __post_init__(self):
+    _parse_attention(self)
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -136,6 +175,10 @@ class CLIPTextConfig:
   eos_token_id: int = 49407
   dtype: str = "float32"
   param_dtype: str = "float32"
+  attention: AttentionConfig = AttentionConfig()
+
+  def __post_init__(self):
+    _parse_attention(self)
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)

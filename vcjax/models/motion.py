@@ -13,7 +13,8 @@ import numpy as np
 from flax import nnx
 
 from vcjax import parallel
-from vcjax.models.blocks import TransformerBlock
+from vcjax.models.blocks import TransformerBlock, checkpointed
+from vcjax.nn.attention import AttentionConfig
 from vcjax.nn.layers import GroupNorm, Linear
 
 
@@ -37,22 +38,26 @@ class MotionModule(nnx.Module):
   proj_out starts at zero (AnimateDiff's zero_initialize): a freshly built module is the identity, so a
   motion module trained from scratch starts from the image model's output. zero_init_out=False keeps the
   random init (tests that want every weight to matter). Loaded weights overwrite it either way.
+  remat: gradient checkpointing of the whole module (see `blocks.checkpointed`).
   """
 
   def __init__(self, channels: int, heads: int, *, depth: int = 1, max_seq_length: int = 32, groups: int = 32,
-               across_frames: bool = True, zero_init_out: bool = True, rngs: nnx.Rngs, dtype=jnp.float32,
-               param_dtype=jnp.float32):
+               across_frames: bool = True, zero_init_out: bool = True,
+               attention_config: AttentionConfig | None = None, remat: bool = False, rngs: nnx.Rngs,
+               dtype=jnp.float32, param_dtype=jnp.float32):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.max_seq_length = max_seq_length
+    self.remat = remat
     self.norm = GroupNorm(groups, channels, epsilon=1e-6, across_frames=across_frames, param_dtype=param_dtype)
     self.proj_in = Linear(channels, channels, **kw)
     self.transformer_blocks = nnx.List(
-        [TransformerBlock(channels, heads, None, **kw) for _ in range(depth)])
+        [TransformerBlock(channels, heads, None, attention_config=attention_config, **kw) for _ in range(depth)])
     self.proj_out = Linear(channels, channels, **kw)
     if zero_init_out:
       self.proj_out.kernel.set_value(jnp.zeros_like(self.proj_out.kernel.get_value()))
       self.proj_out.bias.set_value(jnp.zeros_like(self.proj_out.bias.get_value()))
 
+  @checkpointed
   def __call__(self, x):
     b, f, hgt, wid, c = x.shape
     if f > self.max_seq_length:

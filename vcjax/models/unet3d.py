@@ -38,27 +38,29 @@ class UNetBlock(nnx.Module):
     temb = cfg.block_out_channels[0] * 4
     self.resnets = nnx.List([
         ResnetBlock(c, out_channels, temb, groups=cfg.norm_num_groups, eps=cfg.norm_eps,
-                    across_frames=cfg.resnet_norm_across_frames, **kw) for c in in_channels])
+                    across_frames=cfg.resnet_norm_across_frames, remat=cfg.remat, **kw) for c in in_channels])
     self.attentions = nnx.List([
         SpatialTransformer(out_channels, heads, cfg.cross_attention_dim,
                            depth=cfg.transformer_layers_per_block, groups=cfg.norm_num_groups,
-                           eps=cfg.transformer_norm_eps, **kw) for _ in in_channels] if attention else [])
+                           eps=cfg.transformer_norm_eps, attention_config=cfg.attention, remat=cfg.remat, **kw)
+        for _ in in_channels] if attention else [])
     self.motion_modules = nnx.List([
         MotionModule(out_channels, cfg.motion_num_heads, depth=cfg.motion_layers,
                      max_seq_length=cfg.motion_max_seq_length, groups=cfg.norm_num_groups,
-                     across_frames=cfg.motion_norm_across_frames, **kw)
+                     across_frames=cfg.motion_norm_across_frames, attention_config=cfg.attention,
+                     remat=cfg.remat, **kw)
         for _ in in_channels] if cfg.use_motion_modules else [])
     self.downsamplers = nnx.List([Downsample(out_channels, **kw)] if sampler == "down" else [])
     self.upsamplers = nnx.List([Upsample(out_channels, **kw)] if sampler == "up" else [])
 
-  def __call__(self, x, temb, context, *, skips=None, self_attention=None):
+  def __call__(self, x, temb, context, *, skips=None):
     outputs = []
     for i, resnet in enumerate(self.resnets):
       if skips is not None:
         x = jnp.concatenate([x, skips.pop()], axis=-1)
       x = resnet(x, temb)
       if self.attentions:
-        x = self.attentions[i](x, context, self_attention=self_attention)
+        x = self.attentions[i](x, context)
       if self.motion_modules:
         x = self.motion_modules[i](x)
       outputs.append(x)
@@ -75,21 +77,22 @@ class MidBlock(nnx.Module):
     kw = dict(rngs=rngs, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
     temb = cfg.block_out_channels[0] * 4
     resnet = lambda: ResnetBlock(channels, channels, temb, groups=cfg.norm_num_groups, eps=cfg.norm_eps,
-                                 across_frames=cfg.resnet_norm_across_frames, **kw)
+                                 across_frames=cfg.resnet_norm_across_frames, remat=cfg.remat, **kw)
     self.resnets = nnx.List([resnet(), resnet()])
     self.attentions = nnx.List([
         SpatialTransformer(channels, cfg.heads(len(cfg.block_out_channels) - 1), cfg.cross_attention_dim,
                            depth=cfg.transformer_layers_per_block, groups=cfg.norm_num_groups,
-                           eps=cfg.transformer_norm_eps, **kw)])
+                           eps=cfg.transformer_norm_eps, attention_config=cfg.attention, remat=cfg.remat, **kw)])
     use_motion = cfg.use_motion_modules and cfg.motion_mid_block
     self.motion_modules = nnx.List([
         MotionModule(channels, cfg.motion_num_heads, depth=cfg.motion_layers,
                      max_seq_length=cfg.motion_max_seq_length, groups=cfg.norm_num_groups,
-                     across_frames=cfg.motion_norm_across_frames, **kw)] if use_motion else [])
+                     across_frames=cfg.motion_norm_across_frames, attention_config=cfg.attention,
+                     remat=cfg.remat, **kw)] if use_motion else [])
 
-  def __call__(self, x, temb, context, *, self_attention=None):
+  def __call__(self, x, temb, context):
     x = self.resnets[0](x, temb)
-    x = self.attentions[0](x, context, self_attention=self_attention)
+    x = self.attentions[0](x, context)
     if self.motion_modules:
       x = self.motion_modules[0](x)
     return self.resnets[1](x, temb)
@@ -100,6 +103,10 @@ class UNet3D(nnx.Module):
 
   __call__(latents `(B, F, H, W, Cin)`, timesteps `(B,)` (or scalar), context `(B, T, D)`)
     -> `(B, F, H, W, Cout)`. H and W must be divisible by 2**(levels-1).
+
+  The attention kernel (`config.attention`) and gradient checkpointing (`config.remat`) are fixed when the
+  model is built; attention variants (PISA, start-token detach) are set on its layers with
+  `vcjax.nn.attention.set_attention` / `with_attention`.
   """
 
   def __init__(self, config: UNet3DConfig, *, rngs: nnx.Rngs):
@@ -134,7 +141,7 @@ class UNet3D(nnx.Module):
                                    across_frames=cfg.out_norm_across_frames, param_dtype=kw["param_dtype"])
     self.conv_out = Conv(ch[0], cfg.out_channels, 3, **kw)
 
-  def __call__(self, latents, timesteps, context, *, self_attention=None):
+  def __call__(self, latents, timesteps, context):
     cfg = self.config
     b = latents.shape[0]
     t = jnp.broadcast_to(jnp.asarray(timesteps), (b,))
@@ -146,10 +153,10 @@ class UNet3D(nnx.Module):
     x = self.conv_in(latents.astype(jnp.dtype(cfg.dtype)))
     skips = [x]
     for block in self.down_blocks:
-      x, outs = block(x, temb, context, self_attention=self_attention)
+      x, outs = block(x, temb, context)
       skips += outs
-    x = self.mid_block(x, temb, context, self_attention=self_attention)
+    x = self.mid_block(x, temb, context)
     for block in self.up_blocks:
-      x, _ = block(x, temb, context, skips=skips, self_attention=self_attention)
+      x, _ = block(x, temb, context, skips=skips)
     x = self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
     return x

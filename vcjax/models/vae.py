@@ -61,9 +61,9 @@ class MidAttention(Attention):
   `Attention`; diffusers keeps the norm in the same module, hence `group_norm` here.
   """
 
-  def __init__(self, channels: int, groups: int, *, rngs: nnx.Rngs, dtype, param_dtype):
-    super().__init__(channels, 1, qkv_bias=True, out_bias=True, rngs=rngs, dtype=dtype,
-                     param_dtype=param_dtype)
+  def __init__(self, channels: int, groups: int, *, attention_config=None, rngs: nnx.Rngs, dtype, param_dtype):
+    super().__init__(channels, 1, qkv_bias=True, out_bias=True, attention_config=attention_config, rngs=rngs,
+                     dtype=dtype, param_dtype=param_dtype)
     self.group_norm = GroupNorm(groups, channels, epsilon=_NORM_EPS, param_dtype=param_dtype)
 
   def __call__(self, x):
@@ -75,10 +75,10 @@ class MidAttention(Attention):
 class MidBlock(nnx.Module):
   """diffusers UNetMidBlock2D as used by the VAE: resnets.0, attentions.0, resnets.1."""
 
-  def __init__(self, channels: int, groups: int, *, rngs: nnx.Rngs, dtype, param_dtype):
+  def __init__(self, channels: int, groups: int, *, attention_config=None, rngs: nnx.Rngs, dtype, param_dtype):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.resnets = nnx.List([ResnetBlock(channels, channels, groups, **kw) for _ in range(2)])
-    self.attentions = nnx.List([MidAttention(channels, groups, **kw)])
+    self.attentions = nnx.List([MidAttention(channels, groups, attention_config=attention_config, **kw)])
 
   def __call__(self, x):
     x = self.resnets[0](x)
@@ -157,7 +157,7 @@ class Encoder(nnx.Module):
     self.down_blocks = nnx.List([
         DownBlock(ch[max(i - 1, 0)], ch[i], config.layers_per_block, groups, i < len(ch) - 1, **kw)
         for i in range(len(ch))])
-    self.mid_block = MidBlock(ch[-1], groups, **kw)
+    self.mid_block = MidBlock(ch[-1], groups, attention_config=config.attention, **kw)
     self.conv_norm_out = GroupNorm(groups, ch[-1], epsilon=_NORM_EPS, param_dtype=param_dtype)
     self.conv_out = Conv(ch[-1], 2 * config.latent_channels, 3, **kw)
 
@@ -177,7 +177,7 @@ class Decoder(nnx.Module):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     ch, groups = tuple(reversed(config.block_out_channels)), config.norm_num_groups
     self.conv_in = Conv(config.latent_channels, ch[0], 3, **kw)
-    self.mid_block = MidBlock(ch[0], groups, **kw)
+    self.mid_block = MidBlock(ch[0], groups, attention_config=config.attention, **kw)
     self.up_blocks = nnx.List([
         UpBlock(ch[max(i - 1, 0)], ch[i], config.layers_per_block + 1, groups, i < len(ch) - 1, **kw)
         for i in range(len(ch))])

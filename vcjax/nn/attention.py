@@ -24,27 +24,36 @@ Selection, first match wins:
   2. Short sequences (max(Lq, Lk) <= `config.plain_max_tokens`, default 64: AnimateDiff's temporal
      attention over <= 32 frames): "xla". Padding 16 frames to a 128-token kernel tile, or chunking them,
      only costs time.
-  3. The global setting (`attention_implementation("chunked")` context manager, or `config.implementation`),
-     when that implementation supports the call; otherwise rule 4.
+  3. `config.implementation` when it is not "auto" and supports the call; otherwise rule 4.
   4. Automatic: TPU -> "splash" (without a mask); GPU -> "cudnn" (bf16/fp16, no mask, supported head
      size); CPU -> "chunked"; otherwise "chunked" when the fp32 logits `B*N*Lq*Lk*4` would exceed
      `config.chunk_threshold_bytes`, else "xla".
-The choice is made when the function is traced: change the setting before `jax.jit` traces the model
-(a cached compiled function keeps the implementation it was traced with).
+
+`config` is an `AttentionConfig`: a frozen (hashable) dataclass that travels with the model, never a
+process-wide setting. Models hold theirs in their own config (`UNet3DConfig.attention`, ...), and every
+`Attention` layer keeps it as a static attribute, so it is part of the module's graphdef: a jitted function
+that takes the graphdef as a static argument recompiles when the choice changes, and a cached compiled
+function can never run with a stale one.
+
+The `Attention` module also carries a static, named *variant* (what it computes between its projections
+and `to_out`: plain, VideoMaker's PISA, Custom Diffusion's start-token detach; `vcjax.nn.attention_variants`),
+chosen per layer with `set_attention(model, "pisa")`, like diffusers' attention processors.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import math
+import re
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vcjax.nn import attention_variants as variants
 from vcjax.nn.layers import Linear
 
 IMPLEMENTATIONS = ("xla", "chunked", "cudnn", "splash")
@@ -53,11 +62,22 @@ _LANES = 128  # TPU kernels tile sequence and head axes in multiples of 128.
 _CPU_BROADCAST_MAX_TOKENS = 32  # measured: faster than batched matmuls at 16 tokens, slower at 64
 
 
-@dataclasses.dataclass
-class AttentionConfig:
-  """Process-wide attention settings (read at trace time).
+def _canonical(name: str | None) -> str | None:
+  """An implementation name (aliases resolved); None for automatic ("auto", "" or None)."""
+  if name in (None, "", "auto"):
+    return None
+  name = _ALIASES.get(name, name)
+  if name not in IMPLEMENTATIONS:
+    raise ValueError(f"unknown attention implementation {name!r}; known: "
+                     f"{('auto',) + IMPLEMENTATIONS + tuple(_ALIASES)}")
+  return name
 
-  implementation: None (automatic) or one of IMPLEMENTATIONS, used where it supports the call.
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+  """Attention kernel settings (static: hashed into the graphdef of every module that holds them).
+
+  implementation: "auto" or one of IMPLEMENTATIONS (or an alias), used where it supports the call.
   plain_max_tokens: sequences this short always take the plain "xla" path (unless a call names another).
   chunk_threshold_bytes: off CPU, automatic selection chunks when the fp32 logits `B*N*Lq*Lk*4` exceed this.
   chunk_bytes: size of one block of fp32 logits in "chunked"; None = 2 MiB on CPU (an L2-sized block is
@@ -67,7 +87,7 @@ class AttentionConfig:
   min_query_chunk: the smallest query chunk.
   splash_interpret: run the splash kernel in Pallas interpret mode; None = only off TPU.
   """
-  implementation: str | None = None
+  implementation: str = "auto"
   plain_max_tokens: int = 64
   chunk_threshold_bytes: int = 256 << 20
   chunk_bytes: int | None = None
@@ -75,34 +95,35 @@ class AttentionConfig:
   min_query_chunk: int = 64
   splash_interpret: bool | None = None
 
+  def __post_init__(self):
+    object.__setattr__(self, "implementation", _canonical(self.implementation) or "auto")
 
-config = AttentionConfig()
+  @classmethod
+  def parse(cls, spec: "AttentionConfig | Mapping[str, Any] | str | None") -> "AttentionConfig":
+    """An AttentionConfig from itself, a dict of fields (a saved model config), None (automatic) or a
+    string: an implementation name, optionally followed by fields, as a command line gives it:
+    "chunked", "chunked,chunk_bytes=8388608", "auto,plain_max_tokens=32"."""
+    if isinstance(spec, cls):
+      return spec
+    if spec is None or spec == "":
+      return cls()
+    if isinstance(spec, Mapping):
+      unknown = sorted(set(spec) - {f.name for f in dataclasses.fields(cls)})
+      if unknown:
+        raise ValueError(f"unknown attention setting(s) {unknown}")
+      return cls(**spec)
+    name, *items = (part.strip() for part in str(spec).split(","))
+    fields = {}
+    for item in items:
+      key, sep, value = item.partition("=")
+      if not sep:
+        raise ValueError(f"attention setting {item!r} in {spec!r} is not key=value")
+      fields[key] = None if value.lower() == "none" else (value.lower() == "true" if value.lower() in (
+          "true", "false") else int(value))
+    return cls.parse(dict(fields, implementation=name or "auto"))
 
 
-def _canonical(name: str | None) -> str | None:
-  if name is None:
-    return None
-  name = _ALIASES.get(name, name)
-  if name not in IMPLEMENTATIONS:
-    raise ValueError(f"unknown attention implementation {name!r}; known: "
-                     f"{IMPLEMENTATIONS + tuple(_ALIASES)}")
-  return name
-
-
-@contextlib.contextmanager
-def attention_implementation(name: str | None, **options):
-  """Temporarily set the global implementation (None = automatic) and any AttentionConfig field.
-
-      with attention_implementation("chunked", chunk_bytes=8 << 20):
-        out = jax.jit(model)(x)   # traced inside the block
-  """
-  global config
-  previous = config
-  config = dataclasses.replace(config, implementation=_canonical(name), **options)
-  try:
-    yield config
-  finally:
-    config = previous
+DEFAULT_CONFIG = AttentionConfig()  # immutable: what a call without a config uses
 
 
 def _backend() -> str:
@@ -139,8 +160,9 @@ def _unsupported(name: str, q, k, mask, backend: str) -> str | None:
 
 
 def select_implementation(q, k, *, mask=None, implementation: str | None = None,
-                          backend: str | None = None) -> str:
+                          backend: str | None = None, config: AttentionConfig | None = None) -> str:
   """The implementation `dot_product_attention` uses for these arguments (see the module docstring)."""
+  config = config or DEFAULT_CONFIG
   backend = backend or _backend()
   name = _canonical(implementation)
   if name is not None:
@@ -151,7 +173,7 @@ def select_implementation(q, k, *, mask=None, implementation: str | None = None,
   lq, lk = q.shape[1], k.shape[1]
   if max(lq, lk) <= config.plain_max_tokens:
     return "xla"
-  name = config.implementation
+  name = _canonical(config.implementation)
   if name is not None and _unsupported(name, q, k, mask, backend) is None:
     return name
   if backend == "tpu" and mask is None:
@@ -164,24 +186,27 @@ def select_implementation(q, k, *, mask=None, implementation: str | None = None,
   return "chunked" if b * n * lq * lk * 4 > config.chunk_threshold_bytes else "xla"
 
 
-def dot_product_attention(q, k, v, *, mask=None, implementation: str | None = None):
+def dot_product_attention(q, k, v, *, mask=None, implementation: str | None = None,
+                          config: AttentionConfig | None = None):
   """Softmax attention. q `(B, Lq, N, D)`, k/v `(B, Lk, N, D)` -> `(B, Lq, N, D)` in q's dtype.
 
   mask: optional boolean, broadcastable to `(B, N, Lq, Lk)`; True means "may attend".
-  implementation: None (automatic, see the module docstring) or one of "xla", "chunked", "cudnn",
-  "splash"/"flash". The softmax is computed in float32 whatever the input dtype.
+  implementation: None (the config's choice, see the module docstring) or one of "xla", "chunked",
+  "cudnn", "splash"/"flash". config: the kernel settings (None: `DEFAULT_CONFIG`, automatic).
+  The softmax is computed in float32 whatever the input dtype.
   """
-  name = select_implementation(q, k, mask=mask, implementation=implementation)
+  config = config or DEFAULT_CONFIG
+  name = select_implementation(q, k, mask=mask, implementation=implementation, config=config)
   scale = 1.0 / math.sqrt(q.shape[-1])
   if name == "xla":
     if _backend() == "cpu" and max(q.shape[1], k.shape[1]) <= _CPU_BROADCAST_MAX_TOKENS:
       return _short(q, k, v, mask, scale)
     return _plain(q, k, v, mask, scale)
   if name == "chunked":
-    return _chunked(q, k, v, mask, scale)
+    return _chunked(q, k, v, mask, scale, config=config)
   if name == "cudnn":
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
-  return _splash(q, k, v, mask, scale)
+  return _splash(q, k, v, mask, scale, config=config)
 
 
 @functools.partial(jax.checkpoint, static_argnums=(4,))
@@ -295,10 +320,13 @@ def _divisor_at_most(n: int, limit: int, *, multiple: int = 1) -> int:
   return max(multiple, limit // multiple * multiple) if limit >= multiple else limit
 
 
-def chunk_plan(pairs: int, lq: int, lk: int, chunk_bytes: int | None = None) -> tuple[int, int, int]:
+def chunk_plan(pairs: int, lq: int, lk: int, chunk_bytes: int | None = None,
+               config: AttentionConfig | None = None) -> tuple[int, int, int]:
   """(pairs per group, query chunk, key chunk) for `pairs` = B*N (batch, head) pairs, so that one block of
-  fp32 logits (group x query chunk x key chunk) is about `chunk_bytes` (default: per backend)."""
-  budget = max(1, (chunk_bytes or _default_chunk_bytes()) // 4)
+  fp32 logits (group x query chunk x key chunk) is about `chunk_bytes` (default: the config's, else per
+  backend)."""
+  config = config or DEFAULT_CONFIG
+  budget = max(1, (chunk_bytes or _default_chunk_bytes(config)) // 4)
   k_chunk = lk
   if lk * config.min_query_chunk > budget and lk > config.key_chunk:
     k_chunk = config.key_chunk  # even a few queries against all keys are too many: online softmax
@@ -307,7 +335,7 @@ def chunk_plan(pairs: int, lq: int, lk: int, chunk_bytes: int | None = None) -> 
   return group, q_chunk, min(k_chunk, lk)
 
 
-def _default_chunk_bytes() -> int:
+def _default_chunk_bytes(config: AttentionConfig) -> int:
   if config.chunk_bytes is not None:
     return config.chunk_bytes
   # CPU: a block that stays in L2 is what makes chunking faster than the plain path there.
@@ -315,7 +343,7 @@ def _default_chunk_bytes() -> int:
 
 
 def _chunked(q, k, v, mask, scale, *, q_chunk: int | None = None, k_chunk: int | None = None,
-             group: int | None = None):
+             group: int | None = None, config: AttentionConfig | None = None):
   """Exact attention one `(group, q_chunk, k_chunk)` block of fp32 logits at a time.
 
   The B*N (batch, head) pairs are processed `group` at a time (`lax.map`), each group's queries in chunks
@@ -327,7 +355,7 @@ def _chunked(q, k, v, mask, scale, *, q_chunk: int | None = None, k_chunk: int |
   b, lq, n, d = q.shape
   lk, dv = k.shape[1], v.shape[-1]
   pairs = b * n
-  plan = chunk_plan(pairs, lq, lk)
+  plan = chunk_plan(pairs, lq, lk, config=config)
   group = min(group or plan[0], pairs)
   q_chunk = min(q_chunk or plan[1], lq)
   k_chunk = min(k_chunk or plan[2], lk)
@@ -430,7 +458,7 @@ def _splash_kernel(heads: int, lq: int, lk: int, mask_bytes: bytes | None, inter
   return sa.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
-def _splash(q, k, v, mask, scale):
+def _splash(q, k, v, mask, scale, *, config: AttentionConfig):
   """Pallas splash attention: `(B, L, N, D)` -> kernel layout `(B, N, L, D)` padded to 128s, and back."""
   b, lq, n, d = q.shape
   lk = k.shape[1]
@@ -458,13 +486,21 @@ class Attention(nnx.Module):
   """Multi-head attention with diffusers' parameter names (to_q, to_k, to_v, to_out).
 
   x `(B, L, C)`, context `(B, T, Dc)` or None for self-attention -> `(B, L, C)`.
+
+  Static attributes (part of the graphdef, so `jit` sees them): `attention_config` (the kernel choice,
+  from the model's config), `variant` and `variant_options` (what runs between the projections and
+  `to_out`, see `vcjax.nn.attention_variants`; set with `set_attention`, never by the call).
   """
 
   def __init__(self, dim: int, heads: int, *, context_dim: int | None = None, qkv_bias: bool = False,
-               out_bias: bool = True, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+               out_bias: bool = True, attention_config: AttentionConfig | None = None, rngs: nnx.Rngs,
+               dtype=jnp.float32, param_dtype=jnp.float32):
     context_dim = context_dim or dim
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.heads = heads
+    self.attention_config = attention_config or DEFAULT_CONFIG
+    self.variant = "default"
+    self.variant_options: tuple = ()
     self.to_q = Linear(dim, dim, use_bias=qkv_bias, **kw)
     self.to_k = Linear(context_dim, dim, use_bias=qkv_bias, **kw)
     self.to_v = Linear(context_dim, dim, use_bias=qkv_bias, **kw)
@@ -473,10 +509,65 @@ class Attention(nnx.Module):
   def split_heads(self, x):
     return x.reshape(*x.shape[:-1], self.heads, x.shape[-1] // self.heads)
 
-  def __call__(self, x, context=None, *, mask=None, implementation: str | None = None):
+  def __call__(self, x, context=None, *, mask=None, implementation: str | None = None,
+               frames: int | None = None):
+    """frames: how many frames each batch element folded into the leading axis of x (the spatial
+    transformer's `(B*F, L, C)` tokens; None where tokens are not frames). Layout information read off
+    the shapes by the caller, for variants that mix frames (PISA)."""
     context = x if context is None else context
     q = self.split_heads(self.to_q(x))
     k = self.split_heads(self.to_k(context))
     v = self.split_heads(self.to_v(context))
-    out = dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+    attend = functools.partial(dot_product_attention, mask=mask, implementation=implementation,
+                               config=self.attention_config)
+    out = variants.VARIANTS[self.variant].fn(q, k, v, attend=attend, frames=frames,
+                                             **dict(self.variant_options))
     return self.to_out(out.reshape(*out.shape[:-2], -1))
+
+
+def attention_layers(model: nnx.Module, where: str = variants.ALL) -> list[tuple[str, Attention]]:
+  """(dotted module path, layer) of every `Attention` in `model` whose path matches the regex `where`
+  (`re.search`; "" = every layer, `model` itself included when it is one)."""
+  pattern = re.compile(where)
+  layers = []
+  for path, node in nnx.iter_graph(model):
+    name = ".".join(str(p) for p in path)
+    if isinstance(node, Attention) and pattern.search(name):
+      layers.append((name, node))
+  return layers
+
+
+def _selection(variant: str, where: str | None) -> str:
+  if variant not in variants.VARIANTS:
+    raise ValueError(f"unknown attention variant {variant!r}; known: {sorted(variants.VARIANTS)}")
+  return variants.VARIANTS[variant].where if where is None else where
+
+
+def set_attention(model: nnx.Module, variant: str = "default", *, where: str | None = None,
+                  **options) -> int:
+  """Give the `Attention` layers of `model` selected by `where` (a regex on module paths; None: the
+  variant's own selection, e.g. spatial attn1 for "pisa") the named variant, in place. `options`:
+  static (hashable) keyword arguments of the variant function. Returns the number of layers set.
+
+  Call it while setting a model up, not inside a jitted function on a module that outlives the call
+  (the variant is part of the graphdef); for a per-call change use `with_attention`.
+  """
+  opts = tuple(sorted(options.items()))
+  hash(opts)  # static: must be hashable, or jit could not key its cache on it
+  layers = attention_layers(model, _selection(variant, where))
+  for _, layer in layers:
+    layer.variant, layer.variant_options = variant, opts
+  return len(layers)
+
+
+def with_attention(model: nnx.Module, variant: str, *, where: str | None = None, **options) -> nnx.Module:
+  """`model` with `variant` set (see `set_attention`), leaving `model` itself unchanged: `model` when
+  its layers already have it, else a clone sharing its arrays (so gradients still flow to them). Safe
+  inside traced code: the caller's module, and so its graphdef, is never modified."""
+  opts = tuple(sorted(options.items()))
+  selected = attention_layers(model, _selection(variant, where))
+  if all(layer.variant == variant and layer.variant_options == opts for _, layer in selected):
+    return model
+  model = nnx.clone(model)
+  set_attention(model, variant, where=where, **options)
+  return model

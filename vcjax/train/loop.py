@@ -31,8 +31,9 @@ from flax import nnx
 
 from vcjax import parallel
 from vcjax.diffusion.schedulers import SchedulerConfig
+from vcjax.models.configs import reconfigure
 from vcjax.models.tokenizer import check_length, load_tokenizer
-from vcjax.train import hooks, tasks
+from vcjax.train import tasks
 from vcjax.train.checkpoint import Checkpointer, flatten
 from vcjax.train.data import make_data
 from vcjax.train.metrics import MetricsWriter
@@ -88,11 +89,17 @@ def optimizer_config(cfg) -> OptimizerConfig:
 def build(cfg, *, mesh=None):
   """-> (trainer, tokenizer, info) for a train config."""
   model = tasks.load_models(cfg.model, cfg.dtype)
+  # How the models run is part of their (static) configs: set before the task installs its changes
+  # (attention variants, LoRA, new tokens), which a rebuild would not carry over.
+  attention = cfg.get("attention", "auto")
+  model.unet = reconfigure(model.unet, attention=attention, remat=cfg.remat)
+  model.vae = reconfigure(model.vae, attention=attention)
+  model.text_encoder = reconfigure(model.text_encoder, attention=attention)
   tokenizer = load_tokenizer(cfg.model)
   check_length(tokenizer, model.text_encoder.config.max_position_embeddings)
   trainable_filter, info = tasks.SETUP[cfg.task](model, cfg, tokenizer, rngs=nnx.Rngs(cfg.seed))
   if cfg.remat:
-    info["remat_blocks"] = hooks.enable_remat(model.unet)
+    info["remat_blocks"] = sum(1 for _, m in nnx.iter_graph(model.unet) if getattr(m, "remat", False) is True)
   sched = SchedulerConfig(beta_schedule=cfg.beta_schedule, beta_start=cfg.beta_start, beta_end=cfg.beta_end)
   loss = tasks.LOSSES[cfg.task]
 
@@ -248,6 +255,9 @@ def default_config(task: str):
   c.num_frames = 4 if task == "subject" else 16
   c.dtype = "float32"  # compute dtype of UNet + VAE ("bfloat16" for mixed precision; params stay fp32)
   c.remat = False  # gradient checkpointing per resnet / spatial transformer / motion module
+  # Attention kernel of every model: "auto" | "xla" | "chunked" | "cudnn" | "splash", optionally with
+  # AttentionConfig fields, e.g. "chunked,chunk_bytes=8388608" (vcjax.nn.attention).
+  c.attention = "auto"
   c.beta_schedule, c.beta_start, c.beta_end = "linear", 0.00085, 0.012  # AnimateDiff's DDPM schedule
   # scale_lr: learning_rate is per example and multiplied by the global batch_size (the authors' LVDM
   # rule, base lr x GPUs x per-GPU batch: 3e-5 x 4 x 2 = 2.4e-4 for CustomCrafter).

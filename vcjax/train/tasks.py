@@ -27,6 +27,7 @@ from vcjax.diffusion import losses
 from vcjax.diffusion.schedulers import SchedulerConfig, add_noise, snr
 from vcjax.methods.videomaker import unet_with_reference
 from vcjax.models.configs import CLIPTextConfig, UNet3DConfig, VAEConfig
+from vcjax.nn.attention import set_attention
 from vcjax.train import hooks
 from vcjax.nn import lora
 from vcjax.weights import store
@@ -86,7 +87,7 @@ def setup_subject(model: TrainModel, cfg, tokenizer, *, rngs: nnx.Rngs):
   hooks.add_new_tokens(model.text_encoder, [token_id], init[None])
   lora.add_lora(model.unet, rank=cfg.lora_rank, targets=cfg.lora_targets, rngs=rngs)
   if cfg.detach_start_token:
-    hooks.detach_start_token(model.unet)
+    set_attention(model.unet, "start_token_detach")
   trainable = nnx.Any(lora.LoRAParam, nnx.PathContains("new_token_embedding"))
   return trainable, {"new_token_id": token_id}
 
