@@ -9,8 +9,10 @@ steps_offset 1, no clipping). Any field: `--config.scheduler.set_alpha_to_one=Tr
 """
 
 import dataclasses
+import typing
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from vcjax.diffusion.schedulers import SchedulerConfig
 
@@ -22,7 +24,8 @@ ANIMATEDIFF_OVERRIDES = dict(beta_schedule="linear", timestep_spacing="linspace"
 def scheduler_overrides(name: str = "ddim", **fields) -> ml_collections.ConfigDict:
   """`config.scheduler`: the sampler `name` ("ddim" or "dpmsolver++") and every SchedulerConfig field, None
   (the model's value) unless given."""
-  c = ml_collections.ConfigDict({f.name: None for f in dataclasses.fields(SchedulerConfig)})
+  types = typing.get_type_hints(SchedulerConfig)  # typed placeholders: `--config.scheduler.KEY=V` can set them
+  c = ml_collections.ConfigDict({f.name: placeholder(types[f.name]) for f in dataclasses.fields(SchedulerConfig)})
   c.name = name
   c.update(fields)
   return c
@@ -58,6 +61,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Attention kernel: "auto" | "xla" | "chunked" | "cudnn" | "splash", optionally with fields of
   # vcjax.nn.attention.AttentionConfig: "chunked,chunk_bytes=8388608".
   c.attention = "auto"
+  c.compilation_cache = "~/.cache/vcjax/jax"  # JAX's persistent compilation cache; "" turns it off
   c.reference_noise = False  # VideoMaker's optional inference-time reference noising (configs/sample_videomaker.py)
   c.reference_noise_ratio = 0.01
   return c

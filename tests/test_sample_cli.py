@@ -124,3 +124,18 @@ def test_repeat_run_loads_every_program_from_the_compilation_cache(converted, tm
   proc = subprocess.run(cmd[:-1] + ["--config.compilation_cache="], capture_output=True, text=True, timeout=600,
                         cwd=ROOT)
   assert proc.returncode == 0 and sorted(os.listdir(cache)) == first
+
+
+def test_every_scheduler_field_can_be_set_from_the_command_line():
+  """Fields a sample config leaves to the model (None) still take `--config.scheduler.KEY=VALUE`."""
+  from absl import flags
+  from ml_collections import config_flags
+  argv = ["sample.py", "--config", os.path.join(ROOT, "configs/sample_customcrafter.py"),
+          "--config.scheduler.set_alpha_to_one=True", "--config.scheduler.use_karras_sigmas=True",
+          "--config.scheduler.num_train_timesteps=500", "--config.scheduler.name=euler"]
+  fv = flags.FlagValues()  # config_flags finds the override flags in the argv it is given
+  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True, sys_argv=argv)
+  fv(argv)
+  s = fv.config.scheduler
+  assert (s.set_alpha_to_one, s.use_karras_sigmas, s.num_train_timesteps, s.name) == (True, True, 500, "euler")
+  assert s.beta_start is None and s.timestep_spacing == "leading"  # unset: the model's; the config's own kept
