@@ -63,6 +63,8 @@ def run(cfg) -> list[str]:
   from vcjax.media import write_video
   from vcjax.pipeline import VideoPipeline
 
+  from vcjax.compiler import use_compilation_cache
+  use_compilation_cache(cfg.compilation_cache)  # before anything compiles: a repeat run loads executables
   if not cfg.model or not os.path.isdir(cfg.model):
     raise ValueError(f"model folder not found: {cfg.model!r} (convert one with convert/animatediff.py)")
   if cfg.height % 8 or cfg.width % 8:

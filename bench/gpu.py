@@ -211,7 +211,8 @@ def vcjax_worker(args) -> dict:
 def run_worker(name: str, args) -> dict:
   argv = ["--worker", name, "--work-dir", args.work_dir, "--preset", args.preset, "--frames", str(args.frames),
           "--size", str(args.size), "--steps", str(args.steps), "--repeat", str(args.repeat),
-          "--train-repeat", str(args.train_repeat), "--guidance", str(args.guidance), "--attention", args.attention]
+          "--train-repeat", str(args.train_repeat), "--guidance", str(args.guidance),
+          "--attention", args.attention]
   return harness.run_worker(__file__, argv, what=f"{name} worker")
 
 
@@ -226,7 +227,7 @@ def main(argv=None) -> int:
   p.add_argument("--train-repeat", type=int, default=5)
   p.add_argument("--peak-tflops", type=float, default=None)
   p.add_argument("--attention", default="auto",
-                 help='vcjax attention kernel (UNet3DConfig.attention): "auto", "cudnn", "chunked,chunk_bytes=N", ...')
+                 help='vcjax attention kernel (UNet3DConfig.attention): "auto", "cudnn", "chunked,chunk_bytes=N"')
   p.add_argument("--workers", default="torch,vcjax")
   p.add_argument("--work-dir", default=None)
   p.add_argument("--worker", default=None, help=argparse.SUPPRESS)

@@ -269,7 +269,7 @@ def main(argv=None) -> int:
   p.add_argument("--no-train", action="store_true")
   p.add_argument("--xla-flags", default="", help="added to XLA_FLAGS for the vcjax worker")
   p.add_argument("--attention", default=None,
-                 help='vcjax attention kernel (UNet3DConfig.attention), e.g. "chunked" or "chunked,chunk_bytes=8388608"')
+                 help='vcjax attention kernel (UNet3DConfig.attention): "chunked", "chunked,chunk_bytes=N"')
   p.add_argument("--xla-defaults", action="store_true",
                  help="compile with XLA's default options instead of vcjax.compiler's")
   p.add_argument("--workers", default="torch,vcjax")

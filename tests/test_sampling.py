@@ -92,13 +92,13 @@ def test_skipped_step_leaves_the_latents_for_the_next_timestep(pipe):
             decode=False, devices=jax.devices()[:1])
   got = pipe.generate(["a"], skip_steps=skip, **kw).latents
   full = pipe.generate(["a"], **kw).latents
-  sched = make_scheduler("ddim", None, n)
+  sched = make_scheduler("ddim", pipe.scheduler_settings(), n)  # what generate() uses: the model's
   graphdef, params = nnx.split(pipe.unet)
   cond = pipe.encode_prompts(["a"])
   latents, state = jax.numpy.asarray(noise) * sched.init_noise_sigma, None
   state = sched.init_state(latents)
   for i in (0, 1, 3):
-    latents, state = sampling.denoise_step(graphdef, params, latents, state, jax.numpy.int32(i), scheduler=sched,
+    latents, state, _ = sampling.denoise_step(graphdef, params, latents, state, jax.numpy.int32(i), scheduler=sched,
                                            cond=cond, uncond=cond, guidance_scale=1.0, use_cfg=False)
   err = rel_err(got, np.asarray(latents))
   print(f"skipped step vs hand-driven steps 0, 1, 3: rel err {err:.2e}; vs no skip {rel_err(got, full):.2e}")

@@ -168,8 +168,23 @@ def write_video(path: str, frames: np.ndarray, *, fps: int = 8) -> str:
     images = [Image.fromarray(f) for f in frames]
     images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
     return path
-  import imageio.v2 as imageio
-  # yuv420p (what players expect) needs even sizes; macro_block_size=2 pads odd ones only.
-  imageio.mimwrite(path, list(frames), fps=fps, codec="libx264", quality=8, macro_block_size=2,
-                   pixelformat="yuv420p", output_params=["-movflags", "+faststart"])
+  _write_mp4(path, frames, fps)
   return path
+
+
+def _write_mp4(path: str, frames: np.ndarray, fps: int) -> None:
+  """H.264 yuv420p (what players expect; it needs even sizes, so odd ones get one padded row/column) through
+  imageio-ffmpeg's ffmpeg binary. Started with `process_group` rather than imageio's `preexec_fn=os.setpgrp`
+  (which keeps Ctrl-C away from the encoder too): a preexec_fn forces a real fork() of this multithreaded
+  process, which JAX warns about and which can deadlock; this way Python spawns it with vfork."""
+  import subprocess
+
+  import imageio_ffmpeg
+  f, h, w, _ = frames.shape
+  cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24",
+         "-s", f"{w}x{h}", "-r", str(fps), "-i", "-", "-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2",
+         "-c:v", "libx264", "-crf", "17", "-pix_fmt", "yuv420p", "-movflags", "+faststart", path]
+  proc = subprocess.run(cmd, input=np.ascontiguousarray(frames).tobytes(), capture_output=True,
+                        process_group=0, check=False)
+  if proc.returncode != 0:
+    raise MediaError(f"{path}: ffmpeg failed ({proc.stderr.decode(errors='replace').strip()[-300:]})")

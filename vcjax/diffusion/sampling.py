@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vcjax import compiler
-from vcjax.diffusion.schedulers import Scheduler
+from vcjax.diffusion.schedulers import Scheduler, add_noise
 
 
 def interleave(a, b):
@@ -26,14 +26,16 @@ def interleave(a, b):
 
 def guided_eps(unet, latents, t, cond, uncond, guidance_scale, reference=None):
   """Classifier-free guided noise prediction. latents `(B, F, h, w, 4)`, cond/uncond `(B, T, D)`,
-  reference `(B, 1, h, w, 4)` or None. The unconditional branch gets the negative prompt and, for
-  VideoMaker, an all-zero reference latent. guidance_scale None (or <= 1) disables CFG."""
+  reference: None, `(B, 1, h, w, 4)`, or a pair (unconditional, conditional) of those. The unconditional
+  branch gets the negative prompt and, for VideoMaker, an all-zero reference latent unless a pair says
+  otherwise. guidance_scale None (or <= 1) disables CFG."""
   b = latents.shape[0]
+  ref_u, ref_c = reference if isinstance(reference, tuple) else (None, reference)
   if guidance_scale is None:
-    return _eps(unet, latents, jnp.broadcast_to(t, (b,)), cond, reference)
+    return _eps(unet, latents, jnp.broadcast_to(t, (b,)), cond, ref_c)
   x2 = interleave(latents, latents)
   ctx = interleave(uncond, cond)
-  ref = None if reference is None else interleave(jnp.zeros_like(reference), reference)
+  ref = None if ref_c is None else interleave(jnp.zeros_like(ref_c) if ref_u is None else ref_u, ref_c)
   eps = _eps(unet, x2, jnp.broadcast_to(t, (2 * b,)), ctx, ref).astype(jnp.float32)
   eps_u, eps_c = eps[0::2], eps[1::2]
   return eps_u + guidance_scale * (eps_c - eps_u)
@@ -46,32 +48,52 @@ def _eps(unet, x, t, ctx, reference):
   return unet_with_reference(unet, x, reference, t, ctx)
 
 
-@compiler.jit(static_argnames=("graphdef", "use_cfg"), donate_argnames=("latents",))
+def noise_reference(scheduler: Scheduler, reference, latents, t, ratio: float):
+  """VideoMaker's optional inference-time reference noising (the authors' `reference_image_noisy`): each
+  step noises the reference latents `(B, 1, h, w, 4)` (either CFG branch's) to timestep int(ratio * t), with
+  the frame mean of the current noisy latents as the noise; the result replaces the reference, so the
+  noise accumulates over the steps. int() of the float32 product, as the authors' torch code computes it."""
+  t_ref = jnp.floor(jnp.float32(t) * jnp.float32(ratio)).astype(jnp.int32)
+  noise = jnp.mean(latents.astype(jnp.float32), axis=1, keepdims=True)
+  return add_noise(scheduler.config, reference, noise.astype(reference.dtype), t_ref)
+
+
+@compiler.jit(static_argnames=("graphdef", "use_cfg", "reference_noise"), donate_argnames=("latents",))
 def denoise_step(graphdef, params, latents, sched_state, i, *, scheduler: Scheduler, cond, uncond,
-                 guidance_scale, reference=None, lora_scales=None, noise_keys=None, use_cfg: bool = True):
+                 guidance_scale, reference=None, lora_scales=None, noise_keys=None, use_cfg: bool = True,
+                 reference_noise: float | None = None):
   """One sampler step. params: the UNet's nnx state; i: step index (traced).
 
+  reference: None, or (unconditional, conditional) reference latents `(B, 1, h, w, 4)` each.
   lora_scales: `(num_steps,)` LoRA scale per step (CustomCrafter's dynamic weighting) or None.
   noise_keys: `(B,)` per-video PRNG keys for stochastic schedulers (DDIM eta > 0): a video's noise
   depends only on its own seed, never on the batch it shares or the devices it runs on.
-  Returns (latents, sched_state).
+  reference_noise: the ratio of `noise_reference` (None: the reference stays clean, VideoMaker's default).
+  Returns (latents, sched_state, reference).
   """
   if lora_scales is not None:
     from vcjax.nn.lora import with_lora_scale
     params = with_lora_scale(params, lora_scales[i])
   unet = nnx.merge(graphdef, params)
   t = scheduler.timestep(i)
+  if reference is not None and reference_noise is not None:
+    reference = tuple(noise_reference(scheduler, r, latents, t, reference_noise) for r in reference)
   eps = guided_eps(unet, scheduler.scale_input(latents, i), t, cond, uncond, guidance_scale if use_cfg else None,
                    reference)
   noise = None
   if scheduler.needs_noise:
     noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), latents.shape[1:]))(noise_keys)
-  return scheduler.step(sched_state, eps, i, latents, noise=noise)
+  latents, sched_state = scheduler.step(sched_state, eps, i, latents, noise=noise)
+  return latents, sched_state, reference
 
 
 def sample_loop(graphdef, params, latents, *, scheduler: Scheduler, cond, uncond, guidance_scale: float,
-                reference=None, lora_scales=None, noise_keys=None, skip_steps=None, progress=None) -> Any:
+                reference=None, lora_scales=None, noise_keys=None, skip_steps=None, progress=None,
+                reference_noise: float | None = None) -> Any:
   """Run the steps of `scheduler` from initial latents (already times init_noise_sigma).
+
+  reference: VideoMaker's reference latents `(B, 1, h, w, 4)` (the unconditional branch starts from zeros);
+  reference_noise: see `noise_reference` (None: off).
 
   skip_steps: optional `(num_steps,)` bools; a skipped step leaves the latents as they are, so the next
   step starts from them at its own timestep (CustomCrafter's released sampler, see
@@ -84,9 +106,11 @@ def sample_loop(graphdef, params, latents, *, scheduler: Scheduler, cond, uncond
     if len(skip_steps) != scheduler.num_steps:
       raise ValueError(f"skip_steps has {len(skip_steps)} entries for {scheduler.num_steps} steps")
     steps = [i for i in steps if not skip_steps[i]]
+  if reference is not None:
+    reference = (jnp.zeros_like(reference), reference)
   for i in (progress(steps) if progress else steps):
-    latents, state = denoise_step(graphdef, params, latents, state, jnp.int32(i), scheduler=scheduler,
-                                  cond=cond, uncond=uncond, guidance_scale=jnp.float32(guidance_scale or 1.0),
-                                  reference=reference, lora_scales=lora_scales, noise_keys=noise_keys,
-                                  use_cfg=use_cfg)
+    latents, state, reference = denoise_step(
+        graphdef, params, latents, state, jnp.int32(i), scheduler=scheduler, cond=cond, uncond=uncond,
+        guidance_scale=jnp.float32(guidance_scale or 1.0), reference=reference, lora_scales=lora_scales,
+        noise_keys=noise_keys, use_cfg=use_cfg, reference_noise=reference_noise)
   return latents

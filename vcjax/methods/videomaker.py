@@ -2,8 +2,9 @@
 
 The reference image (subject on white, pixels in [-1, 1]) is VAE-encoded and appended as an extra LAST
 frame; the whole UNet runs on F+1 frames at the same timestep, with PISA replacing every spatial
-self-attention (the "pisa" variant of `vcjax.nn.attention_variants`); the reference also goes through text cross-attention and the motion
-modules like any frame. Its prediction is dropped at inference and supervised by the GIRL loss in training.
+self-attention (the "pisa" variant of `vcjax.nn.attention_variants`); the reference also goes through text
+cross-attention and the motion modules like any frame. Its prediction is dropped at inference and
+supervised by the GIRL loss in training.
 
     ref = encode_reference(vae, image[None], key)                       # (1, 1, h, w, 4)
     eps = unet_with_reference(unet, latents, ref, t, context)           # (B, F, h, w, 4)

@@ -126,11 +126,16 @@ class CLIPTextEmbeddings(nnx.Module):
     self.position_embedding = nnx.Embed(config.max_position_embeddings, config.hidden_size, **kw)
 
   def __call__(self, input_ids):
-    t = input_ids.shape[-1]
-    max_t = self.position_embedding.num_embeddings
-    if t > max_t:
-      raise ValueError(f"sequence length {t} exceeds max_position_embeddings {max_t}")
-    return self.token_embedding(input_ids) + self.position_embedding(jnp.arange(t))
+    return self.token_embedding(input_ids) + position_embeddings(self.position_embedding, input_ids.shape[-1])
+
+
+def position_embeddings(table: nnx.Embed, length: int) -> jax.Array:
+  """Rows 0..length-1 of the position table `(length, D)`; a ValueError (not NaN rows: out-of-range gathers
+  fill) when the ids are longer than the table."""
+  if length > table.num_embeddings:
+    raise ValueError(f"sequence length {length} exceeds max_position_embeddings {table.num_embeddings} "
+                     "(prompts must be tokenized to the text encoder's length)")
+  return table(jnp.arange(length))
 
 
 class CLIPTextTransformer(nnx.Module):

@@ -40,12 +40,36 @@ def load_tokenizer(path: str | os.PathLike):
   return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
 
 
-def tokenize(tokenizer, prompts: str | Sequence[str], max_length: int = 77) -> np.ndarray:
+# transformers' stand-in for "no limit" when a tokenizer folder sets no model_max_length.
+_UNSET = 10 ** 6
+
+
+def padded_length(tokenizer) -> int:
+  """The length prompts are padded to: the tokenizer's `model_max_length` (what diffusers' pipelines use),
+  77 (CLIP's) when its folder sets none."""
+  n = int(getattr(tokenizer, "model_max_length", 0) or 0)
+  return n if 0 < n < _UNSET else 77
+
+
+def check_length(tokenizer, text_positions: int) -> int:
+  """The tokenizer's padded length, checked against the text encoder's position table; ValueError if longer."""
+  n = padded_length(tokenizer)
+  if n > text_positions:
+    raise ValueError(f"the tokenizer pads prompts to {n} tokens (model_max_length) but the text encoder has "
+                     f"only {text_positions} positions (max_position_embeddings): use the tokenizer saved with "
+                     "this text encoder, or set model_max_length in its tokenizer_config.json")
+  return n
+
+
+def tokenize(tokenizer, prompts: str | Sequence[str], max_length: int | None = None) -> np.ndarray:
   """Prompts -> ids `(B, max_length)` int32: BOS, tokens, EOS, padded with the tokenizer's pad token
   and truncated to `max_length` (keeping a final EOS), as diffusers' SD pipelines call the tokenizer.
+  max_length None: the tokenizer's own (`padded_length`).
   """
   if isinstance(prompts, str):
     prompts = [prompts]
+  if max_length is None:
+    max_length = padded_length(tokenizer)
   enc = tokenizer(list(prompts), padding="max_length", max_length=max_length, truncation=True,
                   return_tensors="np")
   return np.asarray(enc["input_ids"], dtype=np.int32)

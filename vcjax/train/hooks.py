@@ -13,6 +13,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
+from vcjax.models.clip_text import position_embeddings
+
 
 class NewTokenEmbeddings(nnx.Module):
   """CLIP token + position embeddings where the ids in `new_token_ids` read trainable rows.
@@ -37,7 +39,7 @@ class NewTokenEmbeddings(nnx.Module):
     new = self.new_token_embedding[...].astype(tok.dtype)
     for k, token_id in enumerate(self.new_token_ids):
       tok = jnp.where((ids == token_id)[..., None], new[k], tok)
-    return tok + self.position_embedding(jnp.arange(t))
+    return tok + position_embeddings(self.position_embedding, t)
 
 
 def add_new_tokens(text_encoder: nnx.Module, new_token_ids, init_rows) -> NewTokenEmbeddings:

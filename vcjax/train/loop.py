@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vcjax import parallel
+from vcjax import compiler, parallel
 from vcjax.diffusion.schedulers import SchedulerConfig
 from vcjax.models.configs import reconfigure
 from vcjax.models.tokenizer import check_length, load_tokenizer
@@ -138,6 +138,7 @@ def export(trainer: Trainer, trainable, cfg, info, out: str) -> None:
 
 def run(cfg, workdir: str) -> int:
   parallel.initialize_distributed()
+  compiler.use_compilation_cache(cfg.compilation_cache)  # a resumed or repeated run loads its executables
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
@@ -293,6 +294,7 @@ def default_config(task: str):
   c.log_every = 10
   c.tensorboard = True
   c.progress = True
+  c.compilation_cache = compiler.DEFAULT_CACHE  # JAX's persistent compilation cache; "" turns it off
   c.stop_after = 0  # > 0: save and exit (code 0) once this many steps are done
   c.debug_nan_at_step = 0  # > 0: feed NaN pixels at that step (tests the NaN guard)
   return c

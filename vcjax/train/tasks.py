@@ -147,7 +147,7 @@ def _repeat_frames(x, frames: int):
 def subject_objective(model: TrainModel, latents, mask, input_ids, is_prior, noise, timesteps, cfg,
                       sched: SchedulerConfig):
   """Deterministic part of the subject loss. latents/noise `(B, F, h, w, 4)`, mask `(B, F, h, w, 1)` or
-  None, input_ids `(B, 77)`, is_prior `(B,)`, timesteps `(B,)` int. -> (loss, aux metrics)."""
+  None, input_ids `(B, T)`, is_prior `(B,)`, timesteps `(B,)` int. -> (loss, aux metrics)."""
   context = model.text_encoder(input_ids)
   noisy = add_noise(sched, latents, noise, timesteps)
   eps = model.unet(noisy, timesteps, context)
