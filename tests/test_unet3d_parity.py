@@ -53,6 +53,30 @@ def test_matches_diffusers_unet_motion_model(tmp_path, mid_block):
   assert err <= 1e-5
 
 
+@pytest.mark.parametrize("size", [(5, 7), (9, 6), (3, 3)])
+def test_latent_sizes_the_downsamplers_round(tmp_path, size):
+  """Odd latent sizes: stride-2 downsampling rounds up, and each upsampler resizes to its skip's size (diffusers'
+  upsample_size, torch's nearest rule) instead of doubling."""
+  ref = diffusers_unet(True)
+  ref.save_pretrained(tmp_path)
+  unet = load_vcjax(safetensors.numpy.load_file(tmp_path / "diffusion_pytorch_model.safetensors"),
+                    motion_mid_block=True)
+  latents, timesteps, context = inputs()
+  latents = np.random.default_rng(1).standard_normal((2, 4, 3, *size)).astype(np.float32)
+  got, want = run_both(ref, unet, latents, timesteps, context)
+  err = rel_err(got, want)
+  print(f"UNet3D vs UNetMotionModel at {size[0]}x{size[1]} latents: rel err {err:.2e}")
+  assert got.shape == want.shape == (2, 3, *size, 4) and err <= 1e-5
+
+
+def test_nearest_indices_follow_torch():
+  from vcjax.models.blocks import nearest_indices
+  for n_in, n_out in [(3, 5), (4, 7), (5, 9), (2, 3), (7, 13), (8, 16)]:
+    want = torch.nn.functional.interpolate(torch.arange(n_in, dtype=torch.float32)[None, None], size=n_out,
+                                           mode="nearest")[0, 0].long().numpy()
+    np.testing.assert_array_equal(nearest_indices(n_in, n_out), want)
+
+
 class PerFrameGroupNorm(torch.nn.Module):
   """The original AnimateDiff's motion-module norm: the same GroupNorm, each frame on its own."""
 

@@ -14,6 +14,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from vcjax import parallel
@@ -142,11 +143,24 @@ class Downsample(nnx.Module):
 
 
 class Upsample(nnx.Module):
-  """Nearest-neighbour x2 then 3x3 conv. `(..., H, W, C)` -> `(..., 2H, 2W, C)`."""
+  """Nearest-neighbour x2 (or to `size`) then 3x3 conv. `(..., H, W, C)` -> `(..., 2H, 2W, C)` or `size`.
+
+  `size`: what diffusers' UNets pass as `upsample_size` when the latent is not a multiple of the UNet's overall
+  factor (the stride-2 downsamplers rounded odd sizes up): the next skip connection's (h, w)."""
 
   def __init__(self, channels: int, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
     self.conv = Conv(channels, channels, 3, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
-  def __call__(self, x):
-    x = jnp.repeat(jnp.repeat(x, 2, axis=-3), 2, axis=-2)
+  def __call__(self, x, size: tuple[int, int] | None = None):
+    h, w = x.shape[-3:-1]
+    if size is None or tuple(size) == (2 * h, 2 * w):
+      x = jnp.repeat(jnp.repeat(x, 2, axis=-3), 2, axis=-2)
+    else:
+      x = jnp.take(jnp.take(x, nearest_indices(h, size[0]), axis=-3), nearest_indices(w, size[1]), axis=-2)
     return self.conv(x)
+
+
+def nearest_indices(n_in: int, n_out: int) -> np.ndarray:
+  """Source rows of torch's `F.interpolate(mode="nearest", size=...)`: floor(i * in / out) in float32."""
+  scale = np.float32(n_in / n_out)
+  return np.minimum(np.floor(np.arange(n_out, dtype=np.float32) * scale).astype(np.int32), n_in - 1)

@@ -64,8 +64,11 @@ class UNetBlock(nnx.Module):
       if self.motion_modules:
         x = self.motion_modules[i](x)
       outputs.append(x)
-    for sampler in (*self.downsamplers, *self.upsamplers):
+    for sampler in self.downsamplers:
       x = sampler(x)
+      outputs.append(x)
+    for sampler in self.upsamplers:  # to the next skip's size: odd latent sizes were rounded up going down
+      x = sampler(x, size=skips[-1].shape[-3:-1] if skips else None)
       outputs.append(x)
     return x, outputs
 
