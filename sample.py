@@ -13,10 +13,12 @@ import os
 import sys
 import time
 
-from absl import app
+from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/sample_*.py file", lock_config=True)
+# Defined once per process: this file is also imported (tests; `python -m vcjax.eval.protocol` shares the flag).
+if "config" not in flags.FLAGS:
+  config_flags.DEFINE_config_file("config", None, "a configs/sample_*.py file", lock_config=True)
 
 
 def versions() -> dict[str, str]:
@@ -130,7 +132,7 @@ def main(argv):
   from vcjax.media import MediaError
   from vcjax.weights.errors import CheckpointError
   try:
-    for path in run(_CONFIG.value):
+    for path in run(flags.FLAGS.config):
       print(path)
   except (ValueError, CheckpointError, MediaError, FileNotFoundError) as e:
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)

@@ -178,15 +178,11 @@ def pad_sintel(*ims):
 
 def randomized(seed=0):
   """A TorchRAFT with random weights and batch-norm statistics of a sensible scale, in eval mode."""
+  from vcjax.testing import randomize_
   torch.manual_seed(seed)
-  model = TorchRAFT()
-  gen = torch.Generator().manual_seed(seed)
+  model = randomize_(TorchRAFT(), seed)
+  gen = torch.Generator().manual_seed(seed + 1)
   with torch.no_grad():
-    for name, p in model.named_parameters():
-      if p.ndim == 1:
-        p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * torch.randn(p.shape, generator=gen))
-      else:
-        p.copy_(torch.randn(p.shape, generator=gen) / (p[0].numel() ** 0.5))
     for name, buf in model.named_buffers():
       if name.endswith("running_mean"):
         buf.copy_(0.1 * torch.randn(buf.shape, generator=gen))

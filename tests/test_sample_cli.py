@@ -113,17 +113,20 @@ def test_repeat_run_loads_every_program_from_the_compilation_cache(converted, tm
   cmd = [sys.executable, os.path.join(ROOT, "sample.py"), "--config", os.path.join(ROOT, "configs/sample_animatediff.py"),
          f"--config.model={converted}", "--config.height=32", "--config.width=48", "--config.num_frames=3",
          "--config.steps=2", f"--config.output={tmp_path / 'v.mp4'}", f"--config.compilation_cache={cache}"]
+  # The programs that cost the compile time. (Small eager ops are cached too when their compile happens to
+  # pass the 0.2 s threshold, which depends on the machine's load: not asserted.)
+  programs = lambda: sorted(e for e in os.listdir(cache) if e.startswith(("jit_denoise_step", "jit__decode",
+                                                                          "jit__encode_text")))
   for run in range(2):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    entries = sorted(os.listdir(cache))
     if run == 0:
-      first = entries
-      assert len(first) >= 3  # at least the text encoder, the sampler step and the VAE decode
-  assert entries == first  # the second run compiled nothing new: every program came from the cache
+      first = programs()
+      assert len(first) == 3  # the text encoder, the sampler step and the VAE decode
+  assert programs() == first  # the second run compiled none of them: they came from the cache
   proc = subprocess.run(cmd[:-1] + ["--config.compilation_cache="], capture_output=True, text=True, timeout=600,
                         cwd=ROOT)
-  assert proc.returncode == 0 and sorted(os.listdir(cache)) == first
+  assert proc.returncode == 0 and programs() == first
 
 
 def test_every_scheduler_field_can_be_set_from_the_command_line():

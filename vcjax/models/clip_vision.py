@@ -21,8 +21,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vcjax.models.clip_text import CLIPEncoder, CLIPTextModel
-from vcjax.models.configs import CLIPTextConfig
+from vcjax.models.configs import CLIPTextConfig, _parse_attention
 from vcjax.models.vit import PatchEmbed
+from vcjax.nn.attention import AttentionConfig
 from vcjax.nn.layers import LayerNorm, Linear
 
 # transformers' CLIPTextConfig defaults (ViT-B/32's text tower), for config.json files that omit a field.
@@ -45,6 +46,10 @@ class CLIPVisionConfig:
   layer_norm_eps: float = 1e-5
   dtype: str = "float32"
   param_dtype: str = "float32"
+  attention: AttentionConfig = AttentionConfig()  # the encoder layers' kernel (shared with the text tower)
+
+  def __post_init__(self):
+    _parse_attention(self)
 
   @property
   def num_positions(self) -> int:
