@@ -100,6 +100,8 @@ def sample_all(cfg, references: list[str], prompts: list[str], num_seeds: int, o
 
 def main(argv):
   del argv
+  import logging
+  logging.getLogger("jax").setLevel(logging.WARNING)  # as sample.py: no INFO line about absent backends
   from tqdm import tqdm
 
   from vcjax import media
@@ -117,7 +119,7 @@ def main(argv):
     models = load_models(FLAGS)  # before sampling: a bad model path fails in seconds, not after hours
     if not models:
       raise ValueError("no model given: pass at least one of --clip, --dino, --raft")
-    made = sample_all(_SAMPLE._CONFIG.value, references, prompts, FLAGS.num_seeds, FLAGS.out)
+    made = sample_all(FLAGS.config, references, prompts, FLAGS.num_seeds, FLAGS.out)  # sample.py's --config
     scorer = Scorer(**models, dd_threshold=FLAGS.dd_threshold)
     result = scorer.score(sorted(made), reference_map=made,
                           progress=lambda total: tqdm(total=total, desc="scoring", unit="video"))
