@@ -20,7 +20,7 @@ Typical use:
   mesh = make_mesh(data=-1, fsdp=1, sequence=1)
   params = jax.device_put(state, param_shardings(state, mesh, "fsdp"))
   with use_mesh(mesh):
-    out = jax.jit(step)(params, shard_batch(host_batch, mesh))
+    out = compiler.jit(step)(params, shard_batch(host_batch, mesh))   # vcjax.compiler, as every program
 """
 
 from __future__ import annotations
