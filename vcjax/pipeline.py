@@ -126,7 +126,7 @@ class VideoPipeline:
                guidance_scale: float = 7.5, scheduler: str = "ddim", eta: float = 0.0,
                scheduler_config: SchedulerConfig | None = None, reference_images=None,
                lora_scales=None, skip_steps=None, init_noise=None, reference_noise: float | None = None,
-               decode: bool = True,
+               init_video=None, strength: float = 0.8, free_init=None, decode: bool = True,
                decode_chunk: int = 4, devices=None, progress: Callable | None = None) -> VideoOutput:
     """Sample one video per (prompt, seed).
 
@@ -135,6 +135,9 @@ class VideoPipeline:
     `sampling.sample_loop`), or None. init_noise: `(B, F, h, w, 4)` initial latents (else drawn
     from each seed). scheduler_config: None for the model's (`scheduler_settings()`). reference_noise:
     VideoMaker's optional reference noising ratio (the authors' `ref_noisy_ratio`, 0.01), None for off.
+    init_video: video-to-video's input, `(F, H, W, 3)` or `(B, F, H, W, 3)` in [-1, 1], denoised from
+    `strength` (`diffusion/video_to_video.py`; init_noise is then the noise added to it). free_init: a
+    `diffusion.free_init.FreeInitConfig` to run FreeInit's iterations, or None.
     """
     f = self.vae_scale
     if height % f or width % f:
@@ -162,7 +165,8 @@ class VideoPipeline:
     shape = (num_frames, height // f, width // f, self.unet.config.in_channels)
     if init_noise is None:
       init_noise = jax.vmap(lambda k: jax.random.normal(k, shape))(init_keys)
-    latents = jnp.asarray(init_noise, jnp.float32) * sched.init_noise_sigma
+    noise = jnp.asarray(init_noise, jnp.float32)
+    latents = noise * sched.init_noise_sigma
     if latents.shape != (b, *shape):
       raise ValueError(f"init_noise must have shape {(b, *shape)}, got {latents.shape}")
     reference = None
@@ -174,12 +178,23 @@ class VideoPipeline:
     params = jax.device_put(params, NamedSharding(mesh, P()))
     if lora_scales is not None and len(lora_scales) != steps:
       raise ValueError(f"lora_scales has {len(lora_scales)} entries for {steps} steps")
-    latents = sample_loop(graphdef, params, shard(latents), scheduler=sched, cond=shard(cond),
-                          uncond=shard(uncond), guidance_scale=guidance_scale,
-                          reference=None if reference is None else shard(reference),
-                          lora_scales=None if lora_scales is None else jnp.asarray(lora_scales, jnp.float32),
-                          noise_keys=shard(noise_keys), skip_steps=skip_steps, progress=progress,
-                          reference_noise=reference_noise)
+
+    def run(x, s, keys, skip=skip_steps):  # (b, ...) initial latents -> padded, sharded final latents
+      return sample_loop(graphdef, params, shard(x), scheduler=s, cond=shard(cond),
+                         uncond=shard(uncond), guidance_scale=guidance_scale,
+                         reference=None if reference is None else shard(reference),
+                         lora_scales=None if lora_scales is None else jnp.asarray(lora_scales, jnp.float32),
+                         noise_keys=shard(keys), skip_steps=skip, progress=progress,
+                         reference_noise=reference_noise)
+
+    if init_video is not None or free_init is not None:  # diffusion/video_to_video.py, diffusion/free_init.py
+      from vcjax.diffusion.video_to_video import sample_variants
+      make = lambda n: make_scheduler(scheduler, scheduler_config, n, eta=eta)  # FreeInit's per-iteration steps
+      latents = sample_variants(run, latents, noise, noise_keys, self.vae, sched, seeds, make=make,
+                                init_video=init_video, strength=strength, free_init=free_init,
+                                lora_scales=lora_scales, skip_steps=skip_steps)
+    else:
+      latents = run(latents, sched, noise_keys)
     frames = None
     if decode:  # Decoded where the latents are: each device decodes its own videos.
       vae_def, vae_params = nnx.split(self.vae)
