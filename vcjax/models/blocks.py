@@ -102,7 +102,8 @@ class TransformerBlock(nnx.Module):
 class SpatialTransformer(nnx.Module):
   """diffusers Transformer2DModel applied to every frame: GroupNorm, proj_in, blocks, proj_out, residual.
 
-  x `(B, F, H, W, C)`, context `(B, T, Dc)` (shared by all frames) -> `(B, F, H, W, C)`.
+  x `(B, F, H, W, C)`, context `(B, T, Dc)` (shared by all frames) or `(B, F, T, Dc)` (one per frame:
+  prompt travel) -> `(B, F, H, W, C)`.
   proj_in/proj_out are 1x1 convolutions in SD1.5 and linears in SD2; both are a Linear on channels-last
   tokens (the weight loader reshapes 1x1 conv kernels).
   """
@@ -125,7 +126,10 @@ class SpatialTransformer(nnx.Module):
     x = parallel.constrain(x, "video")  # sequence parallelism: frames over the "seq" mesh axis
     h = self.proj_in(self.norm(x)).reshape(b * f, hgt * wid, c)
     h = parallel.constrain(h, "frame_tokens", batch=b)
-    ctx = jnp.repeat(context, f, axis=0)  # frames share the prompt: (B*F, T, Dc)
+    if context.ndim == 4:  # a prompt per frame, frames inner as in h: (B*F, T, Dc)
+      ctx = context.reshape(b * f, *context.shape[2:])
+    else:
+      ctx = jnp.repeat(context, f, axis=0)  # frames share the prompt: (B*F, T, Dc)
     for block in self.transformer_blocks:
       h = block(h, ctx, frames=f)
     return x + self.proj_out(h).reshape(b, f, hgt, wid, c)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from vcjax.models.free_noise import FreeNoiseConfig
 from vcjax.nn.attention import AttentionConfig
 
 # Which GroupNorm sites pool statistics across frames. "original" depends on the motion-module version.
@@ -29,7 +30,8 @@ def _parse_attention(config) -> None:
 
 def reconfigure(module, **fields):
   """`module` (UNet3D, AutoencoderKL or CLIPTextModel) rebuilt with `fields` of its config replaced and
-  the same parameters, for the fields that leave the parameter tree alone (`attention`, `remat`). Returns
+  the same parameters, for the fields that leave the parameter tree alone (`attention`, `remat`,
+  the UNet's `free_noise`). Returns
   `module` itself when nothing changes. Attention variants set on the old module are not carried over:
   reconfigure first, then set them."""
   from flax import nnx
@@ -75,9 +77,12 @@ class UNet3DConfig:
   # How it runs (no effect on the parameters).
   attention: AttentionConfig = AttentionConfig()
   remat: bool = False
+  # FreeNoise's sliding frame windows in the motion modules (models/free_noise.py), None: off.
+  free_noise: FreeNoiseConfig | None = None
 
   def __post_init__(self):
     _parse_attention(self)
+    object.__setattr__(self, "free_noise", FreeNoiseConfig.parse(self.free_noise))
 
   def heads(self, block: int) -> int:
     h = self.num_attention_heads

@@ -14,6 +14,7 @@ from flax import nnx
 
 from vcjax import parallel
 from vcjax.models.blocks import TransformerBlock, checkpointed
+from vcjax.models.free_noise import FreeNoiseConfig, free_noise_block
 from vcjax.nn.attention import AttentionConfig
 from vcjax.nn.layers import GroupNorm, Linear
 
@@ -39,15 +40,19 @@ class MotionModule(nnx.Module):
   motion module trained from scratch starts from the image model's output. zero_init_out=False keeps the
   random init (tests that want every weight to matter). Loaded weights overwrite it either way.
   remat: gradient checkpointing of the whole module (see `blocks.checkpointed`).
+  free_noise: None, or FreeNoise's sliding windows over frames in every block (`models.free_noise`):
+  then any number of frames runs, each window within the positional encoding.
   """
 
   def __init__(self, channels: int, heads: int, *, depth: int = 1, max_seq_length: int = 32, groups: int = 32,
                across_frames: bool = True, zero_init_out: bool = True,
-               attention_config: AttentionConfig | None = None, remat: bool = False, rngs: nnx.Rngs,
-               dtype=jnp.float32, param_dtype=jnp.float32):
+               attention_config: AttentionConfig | None = None, remat: bool = False,
+               free_noise: FreeNoiseConfig | None = None, rngs: nnx.Rngs, dtype=jnp.float32,
+               param_dtype=jnp.float32):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.max_seq_length = max_seq_length
     self.remat = remat
+    self.free_noise = free_noise  # static: part of the graphdef
     self.norm = GroupNorm(groups, channels, epsilon=1e-6, across_frames=across_frames, param_dtype=param_dtype)
     self.proj_in = Linear(channels, channels, **kw)
     self.transformer_blocks = nnx.List(
@@ -60,15 +65,20 @@ class MotionModule(nnx.Module):
   @checkpointed
   def __call__(self, x):
     b, f, hgt, wid, c = x.shape
-    if f > self.max_seq_length:
-      raise ValueError(f"{f} frames exceed the motion module's positional encoding length "
+    fn = self.free_noise
+    window = f if fn is None else min(f, fn.context_length + fn.extra_frames)
+    if window > self.max_seq_length:
+      raise ValueError(f"{window} frames exceed the motion module's positional encoding length "
                        f"{self.max_seq_length}")
     h = self.proj_in(self.norm(x))
     h = h.transpose(0, 2, 3, 1, 4).reshape(b * hgt * wid, f, c)  # tokens (b h w) x f
     # Sequence parallelism: frames-split -> positions-split over "seq" (an all-to-all), and back below.
     h = parallel.constrain(h, "temporal_tokens", batch=b)
-    pe = jnp.asarray(sinusoidal_positions(f, c), h.dtype)[None]
+    if fn is None:
+      pe = jnp.asarray(sinusoidal_positions(f, c), h.dtype)[None]
+    else:  # a window's encoding: every window sees positions 0..L-1 (+ the extra frames')
+      pe = jnp.asarray(sinusoidal_positions(fn.context_length + fn.extra_frames, c), h.dtype)
     for block in self.transformer_blocks:
-      h = block(h, pos_embed=pe)
+      h = block(h, pos_embed=pe) if fn is None else free_noise_block(block, h, fn, pe)
     h = parallel.constrain(self.proj_out(h).reshape(b, hgt, wid, f, c).transpose(0, 3, 1, 2, 4), "video")
     return x + h

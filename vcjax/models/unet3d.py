@@ -48,7 +48,7 @@ class UNetBlock(nnx.Module):
         MotionModule(out_channels, cfg.motion_num_heads, depth=cfg.motion_layers,
                      max_seq_length=cfg.motion_max_seq_length, groups=cfg.norm_num_groups,
                      across_frames=cfg.motion_norm_across_frames, attention_config=cfg.attention,
-                     remat=cfg.remat, **kw)
+                     remat=cfg.remat, free_noise=cfg.free_noise, **kw)
         for _ in in_channels] if cfg.use_motion_modules else [])
     self.downsamplers = nnx.List([Downsample(out_channels, **kw)] if sampler == "down" else [])
     self.upsamplers = nnx.List([Upsample(out_channels, **kw)] if sampler == "up" else [])
@@ -91,7 +91,7 @@ class MidBlock(nnx.Module):
         MotionModule(channels, cfg.motion_num_heads, depth=cfg.motion_layers,
                      max_seq_length=cfg.motion_max_seq_length, groups=cfg.norm_num_groups,
                      across_frames=cfg.motion_norm_across_frames, attention_config=cfg.attention,
-                     remat=cfg.remat, **kw)] if use_motion else [])
+                     remat=cfg.remat, free_noise=cfg.free_noise, **kw)] if use_motion else [])
 
   def __call__(self, x, temb, context):
     x = self.resnets[0](x, temb)
@@ -104,8 +104,8 @@ class MidBlock(nnx.Module):
 class UNet3D(nnx.Module):
   """Predicts the noise of video latents.
 
-  __call__(latents `(B, F, H, W, Cin)`, timesteps `(B,)` (or scalar), context `(B, T, D)`)
-    -> `(B, F, H, W, Cout)`. H and W must be divisible by 2**(levels-1).
+  __call__(latents `(B, F, H, W, Cin)`, timesteps `(B,)` (or scalar), context `(B, T, D)`, or
+    `(B, F, T, D)` one per frame (prompt travel)) -> `(B, F, H, W, Cout)`.
 
   The attention kernel (`config.attention`) and gradient checkpointing (`config.remat`) are fixed when the
   model is built; attention variants (PISA, start-token detach) are set on its layers with
