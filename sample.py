@@ -71,6 +71,8 @@ def run(cfg) -> list[str]:
     raise ValueError(f"model folder not found: {cfg.model!r} (convert one with convert/animatediff.py)")
   if cfg.height % 8 or cfg.width % 8:
     raise ValueError(f"height and width must be divisible by 8, got {cfg.height}x{cfg.width}")
+  from vcjax.diffusion.video_to_video import generate_options
+  variants = generate_options(cfg)  # init_video, strength, free_init: checked (and the video read) before the model
   pipe = VideoPipeline.from_pretrained(cfg.model, dtype=cfg.dtype or None, attention=cfg.get("attention") or None)
   if cfg.num_frames > pipe.max_frames:
     raise ValueError(f"{cfg.num_frames} frames exceed the motion module's positional-encoding length "
@@ -105,7 +107,7 @@ def run(cfg) -> list[str]:
                       scheduler_config=scheduler_config, reference_images=references, lora_scales=scales,
                       skip_steps=skip, init_noise=init_noise,
                       reference_noise=cfg.reference_noise_ratio if cfg.reference_noise else None,
-                      progress=lambda it: tqdm(it, desc="denoising", unit="step"))
+                      progress=lambda it: tqdm(it, desc="denoising", unit="step"), **variants)
   seconds = time.time() - start
   if cfg.save_latents:
     np.save(cfg.save_latents, out.latents.transpose(0, 4, 1, 2, 3))

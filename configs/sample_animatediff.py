@@ -64,4 +64,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.compilation_cache = "~/.cache/vcjax/jax"  # JAX's persistent compilation cache; "" turns it off
   c.reference_noise = False  # VideoMaker's optional inference-time reference noising (configs/sample_videomaker.py)
   c.reference_noise_ratio = 0.01
+  # FreeInit (README "FreeInit and video-to-video"): diffusers' enable_free_init arguments and defaults.
+  c.free_init = ml_collections.ConfigDict(dict(enabled=False, num_iters=3, use_fast_sampling=False,
+                                               method="butterworth", order=4, spatial_stop_frequency=0.25,
+                                               temporal_stop_frequency=0.25))
+  c.init_video = ""  # video-to-video: an .mp4 / .gif / frames folder, its first num_frames resized to height x width
+  c.strength = 0.8  # how far the input video is noised: the last int(steps * strength) steps run (diffusers')
   return c

@@ -66,21 +66,18 @@ def test_config_errors_and_fast_steps():
     fi.check_scheduler("euler_a")
 
 
-def diffusers_free_init(random_pipeline, scheduler_cls: str, cfg: fi.FreeInitConfig, prompts, noise, fresh,
-                        monkeypatch, guidance_scale=7.5):
-  """diffusers' AnimateDiffPipeline with enable_free_init(cfg), its re-init noise `fresh[k - 1]` (vcjax layout)."""
-  import diffusers
+def diffusers_free_init(ref, cfg: fi.FreeInitConfig, prompts, noise, fresh, monkeypatch, *, steps=STEPS,
+                        negative="blurry", guidance_scale=7.5):
+  """diffusers AnimateDiffPipeline `ref` with enable_free_init(cfg), its re-init noise `fresh[k - 1]` (vcjax
+  layout `(B, F, h, w, C)`), from initial latents `noise`. -> final latents, vcjax layout."""
   import diffusers.pipelines.free_init_utils as fiu
-  from tests.test_sampling import diffusers_pipeline
-  ref = diffusers_pipeline(random_pipeline)
-  ref.scheduler = getattr(diffusers, scheduler_cls).from_config(ref.scheduler.config)
   ref.enable_free_init(**{f: getattr(cfg, f) for f in ("num_iters", "use_fast_sampling", "method", "order",
                                                        "spatial_stop_frequency", "temporal_stop_frequency")})
   draws = iter(to_torch(f) for f in fresh)
   monkeypatch.setattr(fiu, "randn_tensor", lambda shape, **kw: next(draws).reshape(shape))
   with torch.no_grad():
-    out = ref(prompt=prompts, negative_prompt=["blurry"] * len(prompts), num_frames=FRAMES, height=HEIGHT,
-              width=WIDTH, num_inference_steps=STEPS, guidance_scale=guidance_scale,
+    out = ref(prompt=prompts, negative_prompt=[negative] * len(prompts), num_frames=FRAMES, height=HEIGHT,
+              width=WIDTH, num_inference_steps=steps, guidance_scale=guidance_scale,
               latents=to_torch(noise), output_type="latent").frames.numpy()
   with pytest.raises(StopIteration):
     next(draws)  # every re-init drew once
@@ -101,8 +98,12 @@ def test_matches_diffusers_enable_free_init(pipe, random_pipeline, monkeypatch, 
   got = pipe.generate(prompts, seeds=seeds, negative_prompt="blurry", num_frames=FRAMES, height=HEIGHT, width=WIDTH,
                       steps=STEPS, scheduler=scheduler, scheduler_config=SchedulerConfig(), init_noise=noise,
                       free_init=cfg, decode=False, devices=jax.devices()[:1]).latents
+  import diffusers
+  from tests.test_sampling import diffusers_pipeline
+  ref = diffusers_pipeline(random_pipeline)
   cls = {"ddim": "DDIMScheduler", "dpmsolver++": "DPMSolverMultistepScheduler"}[scheduler]
-  want = diffusers_free_init(random_pipeline, cls, cfg, prompts, noise, fresh, monkeypatch)
+  ref.scheduler = getattr(diffusers, cls).from_config(ref.scheduler.config)
+  want = diffusers_free_init(ref, cfg, prompts, noise, fresh, monkeypatch)
   plain = pipe.generate(prompts, seeds=seeds, negative_prompt="blurry", num_frames=FRAMES, height=HEIGHT,
                         width=WIDTH, steps=STEPS, scheduler=scheduler, scheduler_config=SchedulerConfig(),
                         init_noise=noise, decode=False, devices=jax.devices()[:1]).latents

@@ -137,3 +137,27 @@ def sample_variants(run, latents, noise, noise_keys, vae, scheduler: Scheduler, 
   return fi.sample_with_free_init(lambda x, s, k: run(x, s, k)[:b], latents, config=free_init, make=make,
                                   steps=steps, reinit_keys=fi.stream_keys(seeds, fi.FREE_INIT_STREAM),
                                   noise_keys=noise_keys)
+
+
+def generate_options(cfg) -> dict:
+  """sample.py's keys `init_video`, `strength` and `free_init` (configs/sample_animatediff.py) ->
+  `VideoPipeline.generate` keyword arguments. Every bad value raises ValueError (MediaError for the video) before
+  the model loads; free_init's fields are checked even when it is off."""
+  from vcjax.diffusion import free_init as fi
+  out = {}
+  strength = cfg.get("strength", 0.8)
+  if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+    raise ValueError(f"strength must be in (0, 1], got {strength!r}")
+  settings = cfg.get("free_init")
+  if settings is not None:
+    config = fi.FreeInitConfig.from_dict(settings.to_dict() if hasattr(settings, "to_dict") else settings)
+    if settings.get("enabled"):
+      fi.check_scheduler(cfg.scheduler.name)
+      out["free_init"] = config
+  if cfg.get("init_video"):
+    if "free_init" in out:
+      raise ValueError("free_init and init_video (video-to-video) cannot be combined")
+    start_step(cfg.steps, strength)
+    out["init_video"] = load_init_video(cfg.init_video, cfg.num_frames, cfg.height, cfg.width)
+    out["strength"] = float(strength)
+  return out
