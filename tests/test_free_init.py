@@ -126,3 +126,29 @@ def test_one_iteration_is_no_free_init_and_devices_agree(pipe):
   assert rel_err(eight, one) <= 1e-5
   alone = pipe.generate(prompts[1:2], free_init=cfg, devices=jax.devices()[:1], **dict(kw, seeds=[1])).latents
   assert rel_err(alone[0], one[1]) <= 1e-5  # a video depends on its own seed only
+
+
+def test_lcm_matches_diffusers_with_per_step_noise(pipe, random_pipeline, monkeypatch):
+  """LCM draws noise at every step but the last: diffusers gets vcjax's, iteration k's from
+  `iteration_noise_keys` (the run's own keys at k = 0)."""
+  import diffusers
+  import diffusers.schedulers.scheduling_lcm as lcm_module
+  from tests.test_sampling import diffusers_pipeline
+  from vcjax.pipeline import video_keys
+  prompts, seeds, cfg = ["a lighthouse"], [9], fi.FreeInitConfig(num_iters=2)
+  noise = np.random.default_rng(4).standard_normal((1, *LATENT)).astype(np.float32)
+  got = pipe.generate(prompts, seeds=seeds, negative_prompt="blurry", num_frames=FRAMES, height=HEIGHT, width=WIDTH,
+                      steps=STEPS, scheduler="lcm", scheduler_config=SchedulerConfig(), init_noise=noise,
+                      free_init=cfg, decode=False, devices=jax.devices()[:1]).latents
+  step_keys = [fi.iteration_noise_keys(video_keys(seeds)[2], k) for k in range(cfg.num_iters)]
+  draws = iter(to_torch(jax.vmap(lambda key, i=i: jax.random.normal(jax.random.fold_in(key, i), LATENT))(keys))
+               for keys in step_keys for i in range(STEPS - 1))
+  monkeypatch.setattr(lcm_module, "randn_tensor", lambda shape, **kw: next(draws).reshape(shape))
+  ref = diffusers_pipeline(random_pipeline)
+  ref.scheduler = diffusers.LCMScheduler.from_config(ref.scheduler.config)
+  keys = fi.stream_keys(seeds, fi.FREE_INIT_STREAM)
+  fresh = [np.asarray(fi.reinit_noise(keys, k, LATENT)) for k in range(1, cfg.num_iters)]
+  want = diffusers_free_init(ref, cfg, prompts, noise, fresh, monkeypatch)
+  err = rel_err(got, want)
+  print(f"FreeInit LCM (2 iterations, per-step noise) vs diffusers: rel err {err:.2e}")
+  assert err <= 1e-3
