@@ -21,8 +21,10 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vcjax import compiler
+from vcjax.diffusion import long_video
 from vcjax.diffusion.sampling import sample_loop
 from vcjax.diffusion.schedulers import SchedulerConfig, make_scheduler
+from vcjax.models.free_noise import with_extra_frames
 
 
 @dataclasses.dataclass
@@ -84,8 +86,24 @@ class VideoPipeline:
     return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
   @property
-  def max_frames(self) -> int:
-    return self.unet.config.motion_max_seq_length
+  def max_frames(self) -> int | None:
+    """The longest video the motion modules take: their positional-encoding length; None (any) with FreeNoise."""
+    return None if self.unet.config.free_noise is not None else self.unet.config.motion_max_seq_length
+
+  def enable_free_noise(self, context_length: int | None = 16, context_stride: int = 4,
+                        weighting_scheme: str = "pyramid", noise_type: str = "shuffle_context") -> None:
+    """Long videos with FreeNoise, as diffusers' `enable_free_noise` (same arguments and defaults; None
+    context_length: the motion module's length). In place; keeps LoRA and attention variants."""
+    from vcjax.models.free_noise import FreeNoiseConfig, set_free_noise
+    length = context_length or self.unet.config.motion_max_seq_length
+    if length > self.unet.config.motion_max_seq_length:
+      raise ValueError(f"free_noise.context_length {length} exceeds the motion module's positional-encoding "
+                       f"length {self.unet.config.motion_max_seq_length}")
+    set_free_noise(self.unet, FreeNoiseConfig(length, context_stride, weighting_scheme, noise_type))
+
+  def disable_free_noise(self) -> None:
+    from vcjax.models.free_noise import set_free_noise
+    set_free_noise(self.unet, None)
 
   def encode_prompts(self, prompts: Sequence[str]) -> jax.Array:
     """`(B, T, D)` CLIP last hidden states, T the tokenizer's length (`model_max_length`)."""
@@ -142,7 +160,7 @@ class VideoPipeline:
     f = self.vae_scale
     if height % f or width % f:
       raise ValueError(f"height and width must be divisible by {f}, got {height}x{width}")
-    if num_frames > self.max_frames:
+    if self.max_frames is not None and num_frames > self.max_frames:
       raise ValueError(f"{num_frames} frames exceed the motion module's positional-encoding length "
                        f"{self.max_frames}")
     b = len(prompts)
@@ -159,11 +177,14 @@ class VideoPipeline:
     rows = lambda x: jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)]) if pad else x
     shard = lambda x: jax.device_put(rows(x), NamedSharding(mesh, P("data")))
 
-    cond = self.encode_prompts(prompts)
-    uncond = self.encode_prompts(negatives)
+    # A prompt may be a frame -> prompt dict (prompt travel): then `(B, F, T, D)` (diffusion/long_video.py).
+    cond = long_video.frame_prompts(self.encode_prompts, prompts, num_frames)
+    uncond = long_video.per_frame(self.encode_prompts(negatives), cond)
     init_keys, ref_keys, noise_keys = video_keys(seeds)
     shape = (num_frames, height // f, width // f, self.unet.config.in_channels)
-    if init_noise is None:
+    if self.unet.config.free_noise is not None:  # FreeNoise's noise types
+      init_noise = long_video.initial_noise(init_keys, shape, self.unet.config.free_noise, init_noise)
+    elif init_noise is None:
       init_noise = jax.vmap(lambda k: jax.random.normal(k, shape))(init_keys)
     noise = jnp.asarray(init_noise, jnp.float32)
     latents = noise * sched.init_noise_sigma
@@ -173,8 +194,10 @@ class VideoPipeline:
     if reference_images is not None:
       vae_def, vae_state = nnx.split(self.vae)
       reference = _encode_references(vae_def, vae_state, jnp.asarray(reference_images, jnp.float32), ref_keys)
+      # The reference frame joins every FreeNoise window; with prompt travel it gets frame 0's prompt.
+      cond, uncond = long_video.with_reference_frame(cond), long_video.with_reference_frame(uncond)
 
-    graphdef, params = nnx.split(self.unet)
+    graphdef, params = nnx.split(self.unet if reference is None else with_extra_frames(self.unet, 1))
     params = jax.device_put(params, NamedSharding(mesh, P()))
     if lora_scales is not None and len(lora_scales) != steps:
       raise ValueError(f"lora_scales has {len(lora_scales)} entries for {steps} steps")
