@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from vcjax import compiler
+from vcjax.diffusion import free_init as fi
 from vcjax.diffusion.free_init import scheduler_add_noise, stream_keys
 from vcjax.diffusion.schedulers import Scheduler
 
@@ -111,7 +112,6 @@ def sample_variants(run, latents, noise, noise_keys, vae, scheduler: Scheduler, 
   init_noise_sigma); noise: that noise; make(num_steps) -> a Scheduler like `scheduler` with that many steps.
   init_video: `(F, H, W, 3)` or `(B, F, H, W, 3)` in [-1, 1]; free_init: a FreeInitConfig or None.
   """
-  from vcjax.diffusion import free_init as fi
   b, steps = latents.shape[0], scheduler.num_steps
   if init_video is not None and free_init is not None:
     # diffusers re-truncates the already truncated step count at every FreeInit iteration (the steps shrink as
@@ -143,7 +143,6 @@ def generate_options(cfg) -> dict:
   """sample.py's keys `init_video`, `strength` and `free_init` (configs/sample_animatediff.py) ->
   `VideoPipeline.generate` keyword arguments. Every bad value raises ValueError (MediaError for the video) before
   the model loads; free_init's fields are checked even when it is off."""
-  from vcjax.diffusion import free_init as fi
   out = {}
   strength = cfg.get("strength", 0.8)
   if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
