@@ -33,6 +33,8 @@ def main(argv=None) -> int:
   p.add_argument("--latent", type=int, default=8, help="latent height = width")
   p.add_argument("--context-length", type=int, default=16)
   p.add_argument("--stride", type=int, default=4)
+  p.add_argument("--attention", default="auto",
+                 help='the attention kernel ("auto": chunked on CPU for > 64 frames; "xla": plain logits)')
   args = p.parse_args(argv)
 
   import jax
@@ -54,15 +56,15 @@ def main(argv=None) -> int:
 
   longest = max(args.frames)
   free = FreeNoiseConfig(args.context_length, args.stride)
-  rows = []
   print(f"tiny UNet3D, CFG batch 2, {args.latent}x{args.latent} latents, FreeNoise context_length "
-        f"{args.context_length} stride {args.stride}; XLA buffer plan (temp + output), MiB")
+        f"{args.context_length} stride {args.stride}, attention {args.attention}; XLA buffer plan (temp + "
+        f"output), MiB")
   print(f"{'frames':>6} | {'UNet FreeNoise':>14} | {'UNet full attn':>14} | {'motion FreeNoise':>16} | "
         f"{'motion full attn':>16}")
   for f in args.frames:
     out = []
     for use_free in (True, False):
-      cfg = tiny_unet(motion_max_seq_length=max(longest, 32))
+      cfg = tiny_unet(motion_max_seq_length=max(longest, 32), attention=args.attention)
       unet = nnx.eval_shape(lambda: UNet3D(cfg, rngs=nnx.Rngs(0)))  # shapes only: nothing runs
       if use_free:
         set_free_noise(unet, free)
@@ -79,7 +81,6 @@ def main(argv=None) -> int:
       out.append((whole, motion))
     mib = lambda b: b / 2 ** 20
     (uf, mf), (ua, ma) = out
-    rows.append((f, uf, ua, mf, ma))
     print(f"{f:>6} | {mib(uf):>14.2f} | {mib(ua):>14.2f} | {mib(mf):>16.2f} | {mib(ma):>16.2f}", flush=True)
   return 0
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from tests.reference import rel_err, run_both, to_channels_last_video
-from tests.test_sample_parity import diffusers_pipeline
+from tests.test_sample_parity import OVERRIDES, diffusers_pipeline
 from vcjax.diffusion import long_video
 from vcjax.models.free_noise import (FreeNoiseConfig, WEIGHTING_SCHEMES, frame_weights, frame_windows,
                                      free_noise_block, set_free_noise)
@@ -211,7 +211,7 @@ def test_sampling_matches_diffusers(torch_pipe, vc_pipe, travel):
   vc_pipe.enable_free_noise()
   try:
     out = vc_pipe.generate([prompt], seeds=[3], negative_prompt="blurry", num_frames=frames, height=32, width=32,
-                           steps=steps, decode=False)
+                           steps=steps, scheduler_config=vc_pipe.scheduler_settings(OVERRIDES), decode=False)
   finally:
     vc_pipe.disable_free_noise()
   keys, _, _ = video_keys([3])
@@ -273,4 +273,25 @@ def test_cli_64_frames_from_a_32_frame_motion_module(converted, tmp_path):
     sidecar = json.load(f)
   assert sidecar["config"]["free_noise"] == dict(enabled=True, context_length=16, context_stride=4,
                                                  weighting_scheme="pyramid", noise_type="shuffle_context")
-  assert sidecar["config"]["prompts"] == "0:a cat|40:a dog" and sidecar["prompt"] == {"0": "a cat", "40": "a dog"}
+  assert sidecar["config"]["prompts"] == "0:a cat|40:a dog" and sidecar["prompt"] == "a cat | a dog"
+  assert sidecar["frame_prompts"] == {"0": "a cat", "40": "a dog"}
+
+
+@pytest.mark.slow
+def test_videomaker_reference_and_lora_schedule_with_free_noise(converted):
+  """FreeNoise with VideoMaker's reference frame (in every window), prompt travel (the reference gets frame 0's
+  prompt) and a per-step LoRA scale: it samples, and the schedule acts (a smoke test; the window semantics are
+  test_extra_frames_join_every_window's)."""
+  from flax import nnx
+  from vcjax.nn.lora import add_lora, lora_modules
+  from vcjax.pipeline import VideoPipeline
+  pipe = VideoPipeline.from_pretrained(converted)
+  add_lora(pipe.unet, rank=2, rngs=nnx.Rngs(0))
+  for i, m in enumerate(lora_modules(pipe.unet).values()):
+    m.lora_up.set_value(0.3 * jax.random.normal(jax.random.key(i), m.lora_up.get_value().shape))
+  pipe.enable_free_noise(context_length=8, context_stride=4)
+  image = np.random.default_rng(0).uniform(-1, 1, (1, 32, 32, 3)).astype(np.float32)
+  run = lambda scales: pipe.generate([{0: "a cat", 6: "a dog"}], seeds=[0], num_frames=14, height=32, width=32,
+                                     steps=2, reference_images=image, lora_scales=scales, decode=False).latents
+  a, b = run([0.2, 1.0]), run([1.0, 1.0])
+  assert a.shape == (1, 14, 4, 4, 4) and np.isfinite(a).all() and rel_err(a, b) > 1e-4

@@ -14,7 +14,9 @@ those frames with the weight of the window's position `context_length - k` (k: h
 not its own, and so does vcjax (only "flat" is unaffected).
 
 The windows run one after another (`lax.scan`): what one window's attention holds (queries, keys, logits
-`(positions, heads, L, L)`) is bounded by the window, whatever the video length.
+`(positions, heads, L, L)`) is bounded by the window, whatever the video length; so is the feed-forward's
+(run `context_length` frames at a time). The video's own activations `(N, F, C)` (and the rest of the
+UNet's) still grow with the length.
 
 The config is static: `UNet3DConfig.free_noise` (set with `reconfigure(unet, free_noise=...)`), held by
 each `MotionModule`, so it is part of the graphdef and a compiled step keys its cache on it.
@@ -155,7 +157,22 @@ def free_noise_block(block, x, config: FreeNoiseConfig, positions):
   h = jnp.where(count > 0, acc / count, acc).astype(x.dtype)
   if e:
     h = jnp.concatenate([h, (extra_sum / windows).astype(x.dtype)], axis=1)
-  return h + block.ff(block.norm3(h))
+  # The FF is per token: run it a window's worth of frames at a time, so that its 8x-wide GEGLU activations
+  # (the motion module's largest) are bounded by the window too. Same values as one call.
+  return h + frame_chunks(lambda c: block.ff(block.norm3(c)), h, length)
+
+
+def frame_chunks(fn, x, size: int):
+  """`fn` on `(N, size, C)` frame chunks of x `(N, F, C)` one after another (`lax.map`; the remainder last),
+  concatenated on frames."""
+  n, f = x.shape[:2]
+  k = f // size
+  if k <= 1:
+    return fn(x)
+  main = jnp.moveaxis(x[:, :k * size].reshape(n, k, size, *x.shape[2:]), 1, 0)
+  out = jnp.moveaxis(jax.lax.map(fn, main), 0, 1)
+  out = out.reshape(n, k * size, *out.shape[3:])
+  return jnp.concatenate([out, fn(x[:, k * size:])], axis=1) if f % size else out
 
 
 def with_extra_frames(unet, frames: int):
@@ -163,13 +180,19 @@ def with_extra_frames(unet, frames: int):
   (VideoMaker's reference frame); `unet` itself when FreeNoise is off or already so. A clone sharing its
   arrays otherwise, so the caller's module (and graphdef) never changes."""
   from flax import nnx
-  modules = [m for _, m in nnx.iter_graph(unet) if getattr(m, "free_noise", None) is not None]
+  modules = [m for _, m in nnx.iter_graph(unet)
+             if isinstance(m, nnx.Module) and getattr(m, "free_noise", None) is not None]
   if not modules or all(m.free_noise.extra_frames == frames for m in modules):
     return unet
   unet = nnx.clone(unet)
+  extra = dataclasses.replace(unet.config.free_noise, extra_frames=frames)
   for _, m in nnx.iter_graph(unet):
+    if not isinstance(m, nnx.Module):  # (the config is a node too)
+      continue
     if getattr(m, "free_noise", None) is not None:
       m.free_noise = dataclasses.replace(m.free_noise, extra_frames=frames)
+    if hasattr(m, "frame_chunk"):
+      m.frame_chunk = frame_chunk(unet.config, extra)
   return unet
 
 
@@ -178,6 +201,38 @@ def set_free_noise(unet, config: FreeNoiseConfig | None) -> None:
   module. Keeps attached LoRA and attention variants (unlike `configs.reconfigure`, which rebuilds)."""
   from flax import nnx
   for _, m in nnx.iter_graph(unet):
+    if not isinstance(m, nnx.Module):
+      continue
     if hasattr(m, "free_noise") and hasattr(m, "transformer_blocks"):
       m.free_noise = config
+    if hasattr(m, "frame_chunk"):  # UNet3D's down / mid / up blocks
+      m.frame_chunk = frame_chunk(unet.config, config)
   unet.config = dataclasses.replace(unet.config, free_noise=config)
+
+
+def over_frames(fn, x, *shared, framed=(), size: int | None = None):
+  """`fn(x, *shared, *framed)` for a per-frame block (resnet, spatial transformer, sampler), `size` frames at
+  a time (`lax.map`, the remainder last) when FreeNoise bounds the video's memory: x `(B, F, ...)`; `framed`:
+  arguments with frames on axis 1 too (per-frame context), chunked alike; `shared` go to every chunk. One
+  call when size is None, the video is short, or sequence parallelism splits the frames across devices."""
+  from vcjax import parallel
+  b, f = x.shape[:2]
+  if size is None or f <= size or parallel.seq_parallel_active():
+    return fn(x, *shared, *framed)
+  k = f // size
+  split = lambda a: jnp.moveaxis(a[:, :k * size].reshape(b, k, size, *a.shape[2:]), 1, 0)
+  out = jax.lax.map(lambda xs: fn(xs[0], *shared, *xs[1:]), (split(x), *map(split, framed)))
+  out = jnp.moveaxis(out, 0, 1)
+  out = out.reshape(b, k * size, *out.shape[3:])
+  if f % size:
+    out = jnp.concatenate([out, fn(x[:, k * size:], *shared, *(a[:, k * size:] for a in framed))], axis=1)
+  return out
+
+
+def frame_chunk(unet_config, free_noise: FreeNoiseConfig | None) -> int | None:
+  """How many frames the UNet's per-frame blocks take at once under FreeNoise: a window's worth; None (all)
+  without it, when its norms pool statistics over frames (original v1 semantics), or with extra frames
+  (VideoMaker's PISA mixes every frame with the reference in spatial attention)."""
+  if free_noise is None or free_noise.extra_frames or unet_config.resnet_norm_across_frames:
+    return None
+  return free_noise.context_length

@@ -12,6 +12,7 @@ from flax import nnx
 
 from vcjax.models.blocks import Downsample, ResnetBlock, SpatialTransformer, Upsample
 from vcjax.models.configs import UNet3DConfig
+from vcjax.models.free_noise import frame_chunk, over_frames
 from vcjax.models.motion import MotionModule
 from vcjax.nn.layers import Conv, GroupNorm, Linear, timestep_embedding
 
@@ -52,23 +53,29 @@ class UNetBlock(nnx.Module):
         for _ in in_channels] if cfg.use_motion_modules else [])
     self.downsamplers = nnx.List([Downsample(out_channels, **kw)] if sampler == "down" else [])
     self.upsamplers = nnx.List([Upsample(out_channels, **kw)] if sampler == "up" else [])
+    # static: FreeNoise runs the per-frame blocks a window's frames at a time (memory bounded by the window)
+    self.frame_chunk = frame_chunk(cfg, cfg.free_noise)
 
   def __call__(self, x, temb, context, *, skips=None):
     outputs = []
+    size = self.frame_chunk
+    framed = (context,) if context.ndim == 4 else ()  # a prompt per frame: chunked with the frames
+    shared = () if framed else (context,)
     for i, resnet in enumerate(self.resnets):
       if skips is not None:
         x = jnp.concatenate([x, skips.pop()], axis=-1)
-      x = resnet(x, temb)
+      x = over_frames(resnet, x, temb, size=size)
       if self.attentions:
-        x = self.attentions[i](x, context)
+        x = over_frames(self.attentions[i], x, *shared, framed=framed, size=size)
       if self.motion_modules:
         x = self.motion_modules[i](x)
       outputs.append(x)
     for sampler in self.downsamplers:
-      x = sampler(x)
+      x = over_frames(sampler, x, size=size)
       outputs.append(x)
     for sampler in self.upsamplers:  # to the next skip's size: odd latent sizes were rounded up going down
-      x = sampler(x, size=skips[-1].shape[-3:-1] if skips else None)
+      up_size = skips[-1].shape[-3:-1] if skips else None
+      x = over_frames(lambda v: sampler(v, size=up_size), x, size=size)
       outputs.append(x)
     return x, outputs
 
@@ -92,13 +99,16 @@ class MidBlock(nnx.Module):
                      max_seq_length=cfg.motion_max_seq_length, groups=cfg.norm_num_groups,
                      across_frames=cfg.motion_norm_across_frames, attention_config=cfg.attention,
                      remat=cfg.remat, free_noise=cfg.free_noise, **kw)] if use_motion else [])
+    self.frame_chunk = frame_chunk(cfg, cfg.free_noise)  # as UNetBlock's
 
   def __call__(self, x, temb, context):
-    x = self.resnets[0](x, temb)
-    x = self.attentions[0](x, context)
+    size = self.frame_chunk
+    framed = (context,) if context.ndim == 4 else ()
+    x = over_frames(self.resnets[0], x, temb, size=size)
+    x = over_frames(self.attentions[0], x, *(() if framed else (context,)), framed=framed, size=size)
     if self.motion_modules:
       x = self.motion_modules[0](x)
-    return self.resnets[1](x, temb)
+    return over_frames(self.resnets[1], x, temb, size=size)
 
 
 class UNet3D(nnx.Module):
