@@ -37,9 +37,17 @@ def output_paths(output: str, index: int, count: int) -> str:
   return f"{stem}_{index}{ext or '.mp4'}" if count > 1 else (output if ext else output + ".mp4")
 
 
-def read_prompts(cfg) -> list[str]:
+def read_prompts(cfg) -> list:
   """`cfg.prompt`, or one prompt per non-empty line of `cfg.prompt_file`; a .tsv whose header names a
-  "prompt" column (as ../shared/data/prompts_*.tsv) gives that column."""
+  "prompt" column (as ../shared/data/prompts_*.tsv) gives that column; or `cfg.prompts`, prompt travel:
+  one frame -> prompt dict (JSON or "frame:prompt|frame:prompt")."""
+  if cfg.get("prompts"):
+    from vcjax.diffusion.long_video import check_prompts, parse_prompts
+    if cfg.prompt_file:
+      raise ValueError("give prompts (prompt travel) or prompt_file, not both")
+    travel = parse_prompts(cfg.prompts)
+    check_prompts(travel, cfg.num_frames)
+    return [travel]
   if not cfg.prompt_file:
     return [cfg.prompt]
   try:
@@ -74,9 +82,11 @@ def run(cfg) -> list[str]:
   from vcjax.diffusion.video_to_video import generate_options
   variants = generate_options(cfg)  # init_video, strength, free_init: checked (and the video read) before the model
   pipe = VideoPipeline.from_pretrained(cfg.model, dtype=cfg.dtype or None, attention=cfg.get("attention") or None)
-  if cfg.num_frames > pipe.max_frames:
+  from vcjax.diffusion.long_video import enable_from_settings
+  enable_from_settings(pipe, cfg.get("free_noise") and cfg.free_noise.to_dict())  # FreeNoise: any length
+  if pipe.max_frames is not None and cfg.num_frames > pipe.max_frames:
     raise ValueError(f"{cfg.num_frames} frames exceed the motion module's positional-encoding length "
-                     f"{pipe.max_frames}")
+                     f"{pipe.max_frames} (--config.free_noise.enabled=True samples longer videos)")
   prompts = read_prompts(cfg)
   n = cfg.num_videos * len(prompts)  # each prompt with seeds seed, seed+1, ...
   seeds = [cfg.seed + i % cfg.num_videos for i in range(n)]
@@ -117,7 +127,10 @@ def run(cfg) -> list[str]:
     written.append(write_video(path, out.frames[i], fps=cfg.fps))
     if cfg.gif:
       written.append(write_video(os.path.splitext(path)[0] + ".gif", out.frames[i], fps=cfg.fps))
-    sidecar = dict(config=cfg.to_dict(), prompt=prompts[i], seed=seeds[i], seconds=round(seconds, 2),
+    travel = prompts[i] if isinstance(prompts[i], dict) else None  # prompt travel: the text stays a string
+    text = prompts[i] if travel is None else " | ".join(travel[k] for k in sorted(travel))  # (for CLIP-T)
+    sidecar = dict(config=cfg.to_dict(), prompt=text, seed=seeds[i], seconds=round(seconds, 2),
+                   **({} if travel is None else dict(frame_prompts=travel)),
                    scheduler=dict(name=cfg.scheduler.name, **scheduler_config.to_dict()),
                    added_tokens=pipe.added_tokens, versions=versions(),
                    devices=[str(d) for d in jax.local_devices()])
