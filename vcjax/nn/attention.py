@@ -12,6 +12,9 @@ Implementations (all compute the softmax in float32, whatever the input dtype):
              (`lax.map`), and for very long key sequences an online softmax over key chunks (`lax.scan`);
              each chunk is rematerialised in the backward pass, so neither pass holds more than one block
              of logits. Exact up to fp32 rounding. On CPU, with L2-sized blocks, also the fastest path.
+             On CPU, without a mask and when all queries of a (batch, head) pair fit one block against all
+             its keys, "chunked" and "xla" (beyond the short-sequence form) run `attention_blocks`: the same
+             blocks with a hand-written flash-style backward (2.5x faster training of small UNets).
   "cudnn"    `jax.nn.dot_product_attention(implementation="cudnn")`: GPU only, bf16/fp16, head size a
              multiple of 8 and <= 128 (<= 256 on Hopper and later).
   "splash"   (alias "flash") the Pallas TPU splash-attention kernel; head size zero-padded to a multiple
@@ -54,6 +57,7 @@ import numpy as np
 from flax import nnx
 
 from vcjax.nn import attention_variants as variants
+from vcjax.nn.attention_blocks import blocks_attention
 from vcjax.nn.layers import Linear
 
 IMPLEMENTATIONS = ("xla", "chunked", "cudnn", "splash")
@@ -198,9 +202,13 @@ def dot_product_attention(q, k, v, *, mask=None, implementation: str | None = No
   config = config or DEFAULT_CONFIG
   name = select_implementation(q, k, mask=mask, implementation=implementation, config=config)
   scale = 1.0 / math.sqrt(q.shape[-1])
-  if name == "xla":
-    if _backend() == "cpu" and max(q.shape[1], k.shape[1]) <= _CPU_BROADCAST_MAX_TOKENS:
+  if name in ("xla", "chunked") and _backend() == "cpu":
+    if name == "xla" and max(q.shape[1], k.shape[1]) <= _CPU_BROADCAST_MAX_TOKENS:
       return _short(q, k, v, mask, scale)
+    group, q_chunk, k_chunk = chunk_plan(q.shape[0] * q.shape[2], q.shape[1], k.shape[1], config=config)
+    if mask is None and q_chunk == q.shape[1] and k_chunk == k.shape[1]:
+      return blocks_attention(_f32(q), _f32(k), _f32(v), scale, group).astype(q.dtype)
+  if name == "xla":
     return _plain(q, k, v, mask, scale)
   if name == "chunked":
     return _chunked(q, k, v, mask, scale, config=config)
