@@ -69,7 +69,7 @@ def run(cfg) -> list[str]:
   import numpy as np
   from tqdm import tqdm
 
-  from vcjax.diffusion.lora_schedule import lora_scales, skipped_steps
+  from vcjax.methods.customcrafter.schedule import lora_scales, skipped_steps
   from vcjax.media import write_video
   from vcjax.pipeline import VideoPipeline
 

@@ -11,7 +11,7 @@ device (the paper: 4-8 GPUs), bf16 compute and gradient checkpointing, 100k+ ste
 parameters and optimizer state. DATA_DIR: vcjax.data.builders.prepare_video_dataset output.
 """
 
-from vcjax.train.loop import default_config
+from configs.train_common import default_config
 
 
 def get_config():

@@ -15,7 +15,7 @@ DATA_DIR holds a dataset built with vcjax.data.builders.prepare_subject_dataset 
 split of ~200 class images).
 """
 
-from vcjax.train.loop import default_config
+from configs.train_common import default_config
 
 
 def get_config():

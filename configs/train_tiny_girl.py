@@ -7,7 +7,7 @@
 Real tiny data instead of synthetic: --config.data.kind=folder --config.data.dir=DIR.
 """
 
-from vcjax.train.loop import default_config
+from configs.train_common import default_config
 
 
 def get_config():

@@ -24,7 +24,8 @@ from vcjax.models.configs import tiny_unet
 from vcjax.models.motion import MotionModule
 from vcjax.models.unet3d import UNet3D
 from vcjax.train import state
-from vcjax.train.loop import default_config, optimizer_config
+from configs.train_common import default_config
+from vcjax.train.loop import optimizer_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AUTHORS_SCALES = {0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 1.3, 1.4}

@@ -18,8 +18,10 @@ from tests.reference import rel_err
 from vcjax.diffusion.schedulers import SchedulerConfig
 from vcjax.models.tokenizer import load_tokenizer, tokenize
 from vcjax.nn import lora
-from vcjax.train import tasks
-from vcjax.train.loop import default_config
+from vcjax.methods.customcrafter.training import SubjectTask
+from vcjax.methods.videomaker.training import GirlTask, girl_trainable
+from vcjax.train.models import load_models
+from configs.train_common import default_config
 from vcjax.train.state import merge_model, split_model
 from vcjax.weights.keymaps import diffusers_key_to_path, module_param_shapes, to_flax_layout
 
@@ -107,10 +109,11 @@ def test_subject_lora_gradients(converted):
   cfg = default_config("subject")
   cfg.num_frames = FRAMES
   cfg.loss_kind = "l2"  # the reference below is the squared error (the default is the authors' L1)
-  sched = SchedulerConfig()
-  model = tasks.load_models(converted)
+  task = SubjectTask.from_config(cfg)
+  assert task.hp.scheduler == SchedulerConfig()  # the objective's DDPM betas
+  model = load_models(converted)
   tok = load_tokenizer(converted)
-  trainable_filter, info = tasks.setup_subject(model, cfg, tok, rngs=nnx.Rngs(0))
+  trainable_filter, info = task.setup(model, tok, rngs=nnx.Rngs(0))
   rng = np.random.default_rng(0)
   for m in lora.lora_modules(model.unet).values():  # up = 0 would zero every down gradient
     m.lora_up.set_value(jnp.asarray(rng.standard_normal(m.lora_up.get_value().shape) * 0.3, jnp.float32))
@@ -129,7 +132,7 @@ def test_subject_lora_gradients(converted):
 
   def loss_fn(tr):
     m = merge_model(graphdef, tr, frozen)
-    return tasks.subject_objective(m, latents, mask, ids, is_prior, noise, t, cfg, sched)[0]
+    return task.objective(m, latents, mask, ids, is_prior, noise, t)[0]
 
   loss, grads = jax.jit(jax.value_and_grad(loss_fn))(trainable)
   grads = flat(grads)
@@ -210,9 +213,10 @@ class PISAProcessor:
 def test_girl_gradients(converted, train_motion):
   cfg = default_config("girl")
   cfg.train_motion = train_motion
-  sched = SchedulerConfig()
-  model = tasks.load_models(converted)
-  trainable_filter, _ = tasks.setup_girl(model, cfg, None, rngs=nnx.Rngs(0))
+  task = GirlTask.from_config(cfg)
+  assert task.hp.scheduler == SchedulerConfig()  # the objective's DDPM betas
+  model = load_models(converted)
+  trainable_filter = girl_trainable(cfg.train_motion)
   rng = np.random.default_rng(1)
   latents = rng.standard_normal((B, FRAMES, HW, HW, 4)).astype(np.float32)
   noise = rng.standard_normal(latents.shape).astype(np.float32)
@@ -226,7 +230,7 @@ def test_girl_gradients(converted, train_motion):
 
   def loss_fn(tr):
     m = merge_model(graphdef, tr, frozen)
-    return tasks.girl_objective(m, latents, reference, context, noise, ref_noise, t, cfg, sched)[0]
+    return task.objective(m, latents, reference, context, noise, ref_noise, t)[0]
 
   loss, grads = jax.jit(jax.value_and_grad(loss_fn))(trainable)
   grads = flat(grads)

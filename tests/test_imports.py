@@ -28,9 +28,11 @@ LAYERS = (
     # reads one, lora_files attaches through vcjax.nn.lora), so it sits above the modules it maps; the
     # modules never read files.
     ("vcjax.weights",),
-    ("vcjax.diffusion", "vcjax.methods", "vcjax.data"),  # schedulers + sampling loop, VideoMaker, data
+    ("vcjax.diffusion", "vcjax.data"),  # schedulers + sampling loop, data
     ("vcjax.loading", "vcjax.conversion", "vcjax.testing"),  # weights -> modules; the random-model maker
-    ("vcjax.pipeline", "vcjax.train", "vcjax.eval", "vcjax.world"),  # what scripts call
+    # What scripts call. The methods sit here, beside the loop: each owns its training task (a
+    # vcjax.train.task.Task); the sampling loop reaches their reference frame inside a function.
+    ("vcjax.pipeline", "vcjax.train", "vcjax.methods", "vcjax.eval", "vcjax.world"),
     ("vcjax",),  # the package's __init__
 )
 # Module-level imports that break the layer order on purpose: (importer, imported) -> why. Keep it short.

@@ -18,7 +18,7 @@ import pytest
 from flax import nnx
 
 from tests.reference import rel_err
-from vcjax.diffusion.lora_schedule import lora_scales, skipped_steps
+from vcjax.methods.customcrafter.schedule import lora_scales, skipped_steps
 from vcjax.models.blocks import SpatialTransformer, TransformerBlock
 from vcjax.models.configs import tiny_unet
 from vcjax.models.unet3d import UNet3D
@@ -194,7 +194,7 @@ def test_schedule_specs():
   authors = lora_scales("authors", 50)
   assert (authors[:4] == np.float32(0.4)).all() and (authors[4:] == np.float32(0.8)).all()
   assert np.flatnonzero(skipped_steps("authors", 50)).tolist() == [4]
-  from vcjax.diffusion.lora_schedule import ScheduleError, describe
+  from vcjax.methods.customcrafter.schedule import ScheduleError, describe
   assert describe("authors", 50) == "4 steps at 0.4, 1 step skipped, 45 steps at 0.8"
   assert describe("paper", 50) == "5 steps at 0.4, 45 steps at 0.8"
   for bad, words in (("paper:x", "K must be a number"), ("linear:1", "linear:START:END"), ("bogus", "unknown kind"),

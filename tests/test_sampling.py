@@ -82,7 +82,7 @@ def test_skipped_step_leaves_the_latents_for_the_next_timestep(pipe):
   driven by hand through `denoise_step`, and against the run that skips nothing."""
   from flax import nnx
 
-  from vcjax.diffusion.lora_schedule import lora_scales, skipped_steps
+  from vcjax.methods.customcrafter.schedule import lora_scales, skipped_steps
   from vcjax.diffusion.schedulers import make_scheduler
   spec, n = "authors:3:0.4:0.8", 4
   skip = skipped_steps(spec, n)

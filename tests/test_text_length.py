@@ -69,9 +69,9 @@ def test_tokenizer_longer_than_the_text_encoder_is_a_clear_error(odd_model, conv
                        load_text_encoder(odd_model["converted"]), load_tokenizer(converted))
   with pytest.raises(ValueError, match="pads prompts to 77 tokens .* only 16 positions"):
     pipe.encode_prompts(["a"])
-  from vcjax.train.hooks import add_new_tokens
+  from vcjax.models.trainable_tokens import add_trainable_tokens
   text = load_text_encoder(odd_model["converted"])
-  add_new_tokens(text, [3], np.zeros((1, 32), np.float32))  # the subject-token path checks the length too
+  add_trainable_tokens(text, [3], np.zeros((1, 32), np.float32))  # the subject-token path checks the length too
   with pytest.raises(ValueError, match="exceeds max_position_embeddings 16"):
     text(jnp.zeros((1, 77), jnp.int32))
 

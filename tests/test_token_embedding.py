@@ -207,17 +207,18 @@ def test_trained_token_reaches_the_sampler(converted, trained, sampled):
   from flax import nnx
   from vcjax.models.tokenizer import load_tokenizer, tokenize
   from vcjax.pipeline import VideoPipeline, _encode_text
-  from vcjax.train import tasks
-  from vcjax.train.loop import default_config
+  from configs.train_common import default_config
+  from vcjax.methods.customcrafter.training import SubjectTask
+  from vcjax.train.models import load_models
   from vcjax.weights.sources import read_state_dict
 
   final = trained["final"]
   token_file = str(final / "token_embedding.safetensors")
   assert sampled["sidecar"]["added_tokens"] == {"<new1>": token_file}
   # The trained text encoder: base + NewTokenEmbeddings holding the row train.py learned (trainable.safetensors).
-  model = tasks.load_models(converted)
+  model = load_models(converted)
   tok = load_tokenizer(converted)
-  _, info = tasks.setup_subject(model, default_config("subject"), tok, rngs=nnx.Rngs(0))
+  _, info = SubjectTask.from_config(default_config("subject")).setup(model, tok, rngs=nnx.Rngs(0))
   new_rows = model.text_encoder.text_model.embeddings.new_token_embedding
   init_row = np.asarray(new_rows[...]).copy()
   (key,) = [k for k in read_state_dict(str(final / "trainable.safetensors")) if "new_token_embedding" in k]

@@ -14,15 +14,17 @@ from flax import nnx
 
 from tests.reference import rel_err
 from vcjax import parallel
-from vcjax.diffusion.schedulers import SchedulerConfig
 from vcjax.models.blocks import ResnetBlock, SpatialTransformer
 from vcjax.models.motion import MotionModule
 from vcjax.models.tokenizer import load_tokenizer, tokenize
 from vcjax.nn.attention import Attention, set_attention
 from vcjax.nn.attention_variants import ALL
-from vcjax.train import hooks, tasks
-from vcjax.train.data import SyntheticSource
-from vcjax.train.loop import default_config
+from vcjax.methods.customcrafter.training import SubjectTask
+from vcjax.methods.videomaker.training import GirlTask, girl_trainable
+from vcjax.models.trainable_tokens import add_placeholder_token, add_trainable_tokens
+from vcjax.train.models import load_component, load_models
+from vcjax.train.task import TASKS
+from configs.train_common import default_config
 from vcjax.train.metrics import MetricsWriter, _masked_crc32c
 from vcjax.train.state import OptimizerConfig, Trainer, split_model, step_key
 
@@ -35,9 +37,9 @@ def paths(tree):
 
 def test_trainable_selection(converted):
   # Subject: the LoRA factors of q/k/v in spatial attn1/attn2, and the new token row; nothing else.
-  model = tasks.load_models(converted)
+  model = load_models(converted)
   cfg = default_config("subject")
-  filt, info = tasks.setup_subject(model, cfg, load_tokenizer(converted), rngs=nnx.Rngs(0))
+  filt, info = SubjectTask.from_config(cfg).setup(model, load_tokenizer(converted), rngs=nnx.Rngs(0))
   _, trainable, frozen = split_model(model, filt)
   names = paths(trainable)
   lora = [n for n in names if n.startswith("unet.")]
@@ -48,9 +50,9 @@ def test_trainable_selection(converted):
   assert info["new_token_id"] == 514  # appended after the tiny tokenizer's 514 tokens
   assert "text_encoder.text_model.embeddings.token_embedding.embedding" in paths(frozen)
   # GIRL: spatial attn1 (q/k/v/out) outside the motion modules, plus every motion-module parameter.
-  model = tasks.load_models(converted)
+  model = load_models(converted)
   for train_motion in (False, True):
-    _, trainable, _ = split_model(model, tasks.girl_trainable(train_motion))
+    _, trainable, _ = split_model(model, girl_trainable(train_motion))
     names = paths(trainable)
     attn1 = [n for n in names if "motion_modules" not in n]
     assert len(attn1) == 6 * 5 and all(".attentions." in n and ".attn1." in n for n in attn1)
@@ -99,16 +101,16 @@ def test_start_token_detach():
 
 
 def test_new_token_splice(converted):
-  text = tasks.load_component(converted, "text_encoder")
+  text = load_component(converted, "text_encoder")
   tok = load_tokenizer(converted)
-  token_id, init = tasks.add_placeholder_token(tok, "<new1>", "x", text)
+  token_id, init = add_placeholder_token(tok, "<new1>", "x", text)
   x_id = tok("x", add_special_tokens=False)["input_ids"]
   assert len(x_id) == 1
   table = np.asarray(text.text_model.embeddings.token_embedding.embedding[...])
   np.testing.assert_array_equal(init, table[x_id[0]])
   ids_class = tokenize(tok, ["a x dog"])
   want = np.asarray(text(ids_class))
-  hooks.add_new_tokens(text, [token_id], init[None])
+  add_trainable_tokens(text, [token_id], init[None])
   ids_new = tokenize(tok, ["a <new1> dog"])
   assert (ids_new == token_id).sum() == 1 and ids_new.shape == ids_class.shape
   np.testing.assert_allclose(np.asarray(text(ids_new)), want, rtol=0, atol=1e-6)
@@ -158,16 +160,16 @@ def _parallel_losses(converted: str) -> dict:
   """GIRL, 3 steps on one device and on 8 (data 2 x fsdp 4, params + optimizer state sharded)."""
   cfg = default_config("girl")
   cfg.num_frames, cfg.resolution = 2, 16
-  sched = SchedulerConfig()
+  cfg.model, cfg.data.kind = converted, "synthetic"
   tok = load_tokenizer(converted)
-  data = SyntheticSource("girl", tok, batch_size=8, size=16, num_frames=2, seed=0)
+  task = GirlTask.from_config(cfg)
+  data = task.data(cfg, tok, batch_size=8, seed=0)
   batches = [next(data) for _ in range(3)]
   seed = jax.random.PRNGKey(0)
 
   def run(mesh, mode):
-    model = tasks.load_models(converted)
-    filt, _ = tasks.setup_girl(model, cfg, tok, rngs=nnx.Rngs(0))
-    loss_fn = lambda m, b, k: tasks.girl_loss(m, b, k, cfg, sched)
+    built = task.build(cfg, rngs=nnx.Rngs(0))
+    model, filt, loss_fn = built.model, built.trainable, task.loss
     # Adam's first update is lr * g / (|g| + eps): with the paper's eps 1e-8 the ~1e-9 round-off noise on
     # parameters whose true gradient is 0 (motion-module biases after a one-channel-per-group GroupNorm)
     # becomes a full +-lr step whose sign depends on the reduction order, i.e. on the device count. A
@@ -292,8 +294,8 @@ def test_train_cli_errors(tmp_path, capsys):
     spec.loader.exec_module(mod)
     assert "python train.py --config configs/" in mod.__doc__
     c = mod.get_config()
-    assert c.task in tasks.TASKS
-  from vcjax.train.loop import default_config as dc
+    assert c.task in TASKS
+  from configs.train_common import default_config as dc
   paper = dc("girl")
   assert (paper.optimizer.learning_rate, paper.optimizer.weight_decay, paper.optimizer.grad_clip) == (1e-5, 1e-2, 1.0)
   assert dc("subject").optimizer.learning_rate == 3e-5 and dc("subject").lora_rank == 4

@@ -57,6 +57,7 @@ tensors as raw or compressed bytes, many times faster to write (and smaller with
 
 from __future__ import annotations
 
+import contextlib
 import concurrent.futures
 import dataclasses
 import logging
@@ -483,6 +484,21 @@ def _check_name(name: str):
     raise ValueError(f"dataset name {name!r}: use letters, digits and '_' only")
 
 
+@contextlib.contextmanager
+def _in_memory_shuffle():
+  """tfds' writer shuffles a split in memory up to 1 GB of serialized examples, then spills to temporary
+  bucket files through `tf.io.gfile`, which needs TensorFlow (not a dependency: the export fails with "No
+  module named 'tensorflow'"). Keep the whole split in memory instead (a 20k-clip 64x64 world split is
+  ~4 GB raw; use encoding "zlib" to shrink it)."""
+  from tensorflow_datasets.core import shuffle
+  limit = shuffle.MAX_MEM_BUFFER_SIZE
+  shuffle.MAX_MEM_BUFFER_SIZE = 1 << 62
+  try:
+    yield
+  finally:
+    shuffle.MAX_MEM_BUFFER_SIZE = limit
+
+
 def _prepare(builder, src_dir: str | None, overwrite: bool, examples=None) -> dict:
   if examples is not None:
     builder._memory_examples = examples  # Read by _split_generators instead of manual_dir.
@@ -490,8 +506,9 @@ def _prepare(builder, src_dir: str | None, overwrite: bool, examples=None) -> di
     raise FileNotFoundError(f"source folder {src_dir!r} does not exist")
   mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
           else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=None if src_dir is None else os.fspath(src_dir), download_mode=mode))
+  with _in_memory_shuffle():
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=None if src_dir is None else os.fspath(src_dir), download_mode=mode))
   info = builder.info
   return {"dataset": f"{info.name}/{builder.builder_config.name}", "data_dir": os.fspath(builder.data_dir),
           "splits": {k: v.num_examples for k, v in info.splits.items()},

@@ -97,7 +97,7 @@ def sample_loop(graphdef, params, latents, *, scheduler: Scheduler, cond, uncond
 
   skip_steps: optional `(num_steps,)` bools; a skipped step leaves the latents as they are, so the next
   step starts from them at its own timestep (CustomCrafter's released sampler, see
-  `lora_schedule.skipped_steps`).
+  `vcjax.methods.customcrafter.schedule.skipped_steps`).
   """
   use_cfg = guidance_scale is not None and guidance_scale > 1.0
   state = scheduler.init_state(latents)

@@ -1,1 +1,1 @@
-"""Customization methods built on the AnimateDiff UNet3D: VideoMaker (`videomaker`)."""
+"""Customization methods built on the AnimateDiff UNet3D, one package each: `videomaker`, `customcrafter`."""

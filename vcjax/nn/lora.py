@@ -48,9 +48,9 @@ class LoRAScale(nnx.Variable):
   """The run-time multiplier of one layer's LoRA (float32 scalar); not trained."""
 
 
-# CustomCrafter's targets: to_q/to_k/to_v of attn1 and attn2 in every SPATIAL transformer block
-# (down, mid, up); not to_out, not the feed-forward, not the motion modules' temporal attention.
-CUSTOMCRAFTER_TARGETS = r"(^|\.)attentions\.\d+\.transformer_blocks\.\d+\.attn[12]\.to_[qkv]$"
+# to_q/to_k/to_v of attn1 and attn2 in every SPATIAL transformer block (down, mid, up); not to_out, not the
+# feed-forward, not the motion modules' temporal attention. (CustomCrafter's targets: methods/customcrafter.)
+SPATIAL_QKV = r"(^|\.)attentions\.\d+\.transformer_blocks\.\d+\.attn[12]\.to_[qkv]$"
 
 # What a LoRA that cannot apply at run time should do instead.
 MERGE_HINT = "merge conv LoRAs into the weights with vcjax.weights.lora_files.merge_lora"
@@ -106,7 +106,7 @@ def _select(model: nnx.Module, targets: str | Iterable[str]) -> dict[str, Linear
   return {t: linears[t] for t in wanted}
 
 
-def add_lora(model: nnx.Module, *, rank: int = 4, targets: str | Iterable[str] = CUSTOMCRAFTER_TARGETS,
+def add_lora(model: nnx.Module, *, rank: int = 4, targets: str | Iterable[str] = SPATIAL_QKV,
              rngs: nnx.Rngs | int, init: str = "customcrafter", scale: float = 1.0,
              dtype=jnp.float32) -> list[str]:
   """Attach fresh LoRAs of `rank` to the Linears whose vcjax path matches `targets` (a regex searched in

@@ -1,16 +1,17 @@
-"""Training-time changes to a loaded text encoder, made without touching the model code.
+"""Trainable embedding rows for new text tokens ("<new1>"), spliced into a loaded CLIP text encoder.
 
-  * `add_new_tokens(text_encoder, ids, init)`: trainable embedding rows for new tokens ("<new1>") spliced
-    into the token-embedding lookup; the embedding table itself stays frozen.
+    token_id, init = add_placeholder_token(tokenizer, "<new1>", "dog", text_encoder)
+    add_trainable_tokens(text_encoder, [token_id], init[None])   # in place; the table stays frozen
 
-(The UNet's training changes are not hooks: gradient checkpointing is `UNet3DConfig.remat`, fixed when the
-blocks are built, and Custom Diffusion's start-token detach is the "start_token_detach" attention variant,
-`vcjax.nn.attention.set_attention(unet, "start_token_detach")`.)
+Custom Diffusion / CustomCrafter train only the new rows: they live in their own parameter
+(`new_token_embedding`), so a trainable filter selects them without the 49k-row table. For inference
+the learned rows go into the table itself (`vcjax.models.new_tokens.add_tokens`).
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from vcjax.models.clip_text import position_embeddings
@@ -42,8 +43,24 @@ class NewTokenEmbeddings(nnx.Module):
     return tok + position_embeddings(self.position_embedding, t)
 
 
-def add_new_tokens(text_encoder: nnx.Module, new_token_ids, init_rows) -> NewTokenEmbeddings:
+def add_trainable_tokens(text_encoder: nnx.Module, new_token_ids, init_rows) -> NewTokenEmbeddings:
   """Install `NewTokenEmbeddings` in a CLIPTextModel (in place); returns it."""
   tm = text_encoder.text_model
   tm.embeddings = NewTokenEmbeddings(tm.embeddings, new_token_ids, init_rows)
   return tm.embeddings
+
+
+def add_placeholder_token(tokenizer, token: str, class_word: str, text_encoder) -> tuple[int, np.ndarray]:
+  """Add `token` to the tokenizer; -> (its id, initial embedding = mean of the class word's token rows).
+
+  (Custom Diffusion requires a single-token class word; the mean is the same thing then, and defined
+  for words the tokenizer splits.)
+  """
+  if tokenizer.add_tokens([token]) == 0 and token not in tokenizer.get_vocab():
+    raise ValueError(f"could not add token {token!r} to the tokenizer")
+  token_id = int(tokenizer.convert_tokens_to_ids(token))
+  class_ids = tokenizer(class_word, add_special_tokens=False)["input_ids"]
+  if not class_ids:
+    raise ValueError(f"class word {class_word!r} tokenizes to nothing")
+  table = np.asarray(text_encoder.text_model.embeddings.token_embedding.embedding[...])
+  return token_id, table[np.asarray(class_ids)].mean(axis=0)

@@ -1,0 +1,40 @@
+"""World model, stage 2: the UNet3D (spatial + motion modules) and a CLIP text encoder, trained jointly
+from scratch for text-to-video with the eps objective, over the frozen stage-1 VAE.
+
+    python train.py --config configs/world_t2v.py --workdir runs/world_t2v \
+        --config.model=runs/world_vae/final/model --config.data.dir=data/world
+
+Writes runs/world_t2v/final/model/: the complete converted model (sample.py --config.model=...).
+Re-running the command resumes from the newest checkpoint.
+"""
+
+import ml_collections
+
+from configs.train_common import t2v_config
+
+# 16x16 latents (64x64 frames, 4x VAE); two resolution levels with cross-attention, motion modules on both.
+UNET = dict(block_out_channels=(64, 128, 128), layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock", "CrossAttnDownBlock", "DownBlock"),
+            up_block_types=("UpBlock", "CrossAttnUpBlock", "CrossAttnUpBlock"),
+            num_attention_heads=4, cross_attention_dim=128, norm_num_groups=32, motion_num_heads=4,
+            motion_max_seq_length=32, resnet_norm_across_frames=False, out_norm_across_frames=False,
+            motion_norm_across_frames=True)  # diffusers' GroupNorm semantics
+# A small CLIP text transformer over the world tokenizer (24 positions); vocab_size comes from the tokenizer.
+TEXT = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
+            max_position_embeddings=24, hidden_act="quick_gelu")
+
+
+def get_config():
+  c = t2v_config()
+  c.resolution = 64
+  c.num_frames = 16
+  c.unet = ml_collections.ConfigDict(UNET)
+  c.text_encoder = ml_collections.ConfigDict(TEXT)
+  c.train_text_encoder = True
+  c.batch_size = 4
+  c.num_steps = 4000
+  c.data.kind = "folder"
+  c.data.dataset = "vcjax_video_clips/train"
+  c.checkpoint.every = 200
+  c.log_every = 20
+  return c

@@ -1,0 +1,210 @@
+"""The world model's pieces: the world tokenizer, the VAE and text-to-video objectives (one optimizer step
+lowers the loss on a fixed batch; a resumed run equals an uninterrupted one bit for bit), and the recipe's
+two stages end to end on a tiny world through the real data pipeline (export -> tfds -> grain -> train.py
+-> a converted folder that VideoPipeline samples)."""
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+import safetensors.numpy
+from flax import nnx
+
+from configs.train_common import t2v_config, vae_config
+from vcjax.models.tokenizer import load_tokenizer, tokenize
+from vcjax.parallel import make_mesh
+from vcjax.train.loop import run
+from vcjax.train.objectives.text_to_video import TextToVideoTask, t2v_trainable
+from vcjax.train.objectives.vae import VAETask, kl_divergence
+from vcjax.train.state import OptimizerConfig, Trainer
+from vcjax.world import WorldConfig, sample_clip
+from vcjax.world.tokenizer import learn_merges, world_words, write_tokenizer
+
+TINY_VAE = dict(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, latent_channels=4)
+TINY_UNET = dict(block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock", "DownBlock"),
+                 up_block_types=("UpBlock", "CrossAttnUpBlock"), layers_per_block=1, num_attention_heads=2,
+                 cross_attention_dim=16, norm_num_groups=8, motion_num_heads=2, motion_max_seq_length=24)
+TINY_TEXT = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                 max_position_embeddings=24)
+
+
+@pytest.fixture(scope="module")
+def world_tokenizer(tmp_path_factory):
+  folder = str(tmp_path_factory.mktemp("world_tok"))
+  write_tokenizer(folder)
+  return folder
+
+
+@pytest.fixture(scope="module")
+def world_data(tmp_path_factory):
+  from vcjax.world.export import export
+  data = str(tmp_path_factory.mktemp("world_data"))
+  config = dataclasses.replace(WorldConfig(), size=32, frames=4)
+  info = export("t2v", data, config=config, num=8, name="tiny")
+  assert info["splits"] == {"train": 8}
+  return data
+
+
+def test_world_tokenizer_one_token_per_word(world_tokenizer, tmp_path):
+  tok = load_tokenizer(world_tokenizer)
+  for w in world_words():
+    assert len(tok(w, add_special_tokens=False)["input_ids"]) == 1, w
+  config = WorldConfig()
+  longest = 0
+  for i in range(200):
+    caption = sample_clip(config, i).caption
+    ids = tok(caption)["input_ids"]
+    assert len(ids) == len(caption.split()) + 2  # start + one per word + end
+    assert tok.decode(ids, skip_special_tokens=True).strip() == caption
+    longest = max(longest, len(ids))
+  assert longest <= tok.model_max_length == 24
+  assert tokenize(tok, ["a red star"]).shape == (1, 24)
+  # Text outside the vocabulary still tokenizes (byte-level characters), and the files are deterministic.
+  assert len(tok("zebra", add_special_tokens=False)["input_ids"]) > 1
+  write_tokenizer(str(tmp_path))
+  for name in ("vocab.json", "merges.txt"):
+    assert open(os.path.join(world_tokenizer, name)).read() == open(tmp_path / name).read()
+
+
+def test_learn_merges_makes_each_word_one_symbol():
+  merges = learn_merges(["stars", "star", "start", "a"])
+  made = {a + b for a, b in merges}
+  assert {"stars</w>", "star</w>", "start</w>"} <= made and "a</w>" not in made  # "a" is a character token
+
+
+def test_kl_divergence_closed_form():
+  mean = jnp.asarray([[0.0, 1.0], [2.0, -1.0]])
+  logvar = jnp.asarray([[0.0, 0.0], [np.log(4.0), np.log(0.25)]])
+  want = 0.5 * np.array([0 + 1 - 1 - 0 + 1 + 1 - 1 - 0, 4 + 4 - 1 - np.log(4) + 1 + 0.25 - 1 - np.log(0.25)])
+  np.testing.assert_allclose(np.asarray(kl_divergence(mean, logvar)), want, rtol=1e-6)
+
+
+def _tiny_vae_cfg(tokenizer: str, data: str):
+  c = vae_config()
+  c.vae = ml_collections.ConfigDict(TINY_VAE)
+  c.tokenizer = tokenizer
+  c.resolution, c.num_frames, c.frames_per_clip, c.batch_size = 32, 4, 2, 8  # 8: one row per test device
+  c.data.dir, c.data.dataset = data, "vcjax_video_clips/tiny"
+  c.optimizer.update(warmup_steps=0, learning_rate=2e-3)
+  c.progress, c.log_every, c.checkpoint.async_save = False, 1, False
+  return c
+
+
+def _tiny_t2v_cfg(model: str, data: str):
+  c = t2v_config()
+  c.model = model
+  c.unet = ml_collections.ConfigDict(TINY_UNET)
+  c.text_encoder = ml_collections.ConfigDict(TINY_TEXT)
+  c.train_text_encoder = True
+  c.resolution, c.num_frames, c.batch_size = 32, 4, 8
+  c.data.dir, c.data.dataset = data, "vcjax_video_clips/tiny"
+  c.optimizer.update(warmup_steps=0, learning_rate=1e-3)
+  c.progress, c.log_every, c.checkpoint.async_save = False, 1, False
+  return c
+
+
+def _fixed_batch_improves(task, cfg, steps=3):
+  """Loss on one fixed batch and key before and after `steps` AdamW steps on that batch."""
+  built = task.build(cfg, rngs=nnx.Rngs(0))
+  data = task.data(cfg, built.tokenizer, batch_size=cfg.batch_size, seed=0)
+  trainer = Trainer(built.model, built.trainable, task.loss, OptimizerConfig(learning_rate=2e-3, grad_clip=0.0),
+                    mesh=make_mesh(devices=jax.devices()[:1]))
+  batch = trainer.shard_batch(next(data))
+  key = jax.random.PRNGKey(3)
+  params, opt = trainer.init()
+  losses = []
+  for _ in range(steps + 1):  # each step reports the loss of the parameters it started from
+    params, opt, m = trainer.step(params, opt, batch, key)
+    losses.append(float(m["loss"]))
+  return losses[0], losses[-1], built
+
+
+def test_vae_objective_step_lowers_the_loss(world_tokenizer, world_data):
+  cfg = _tiny_vae_cfg(world_tokenizer, world_data)
+  first, last, built = _fixed_batch_improves(VAETask.from_config(cfg), cfg)
+  assert np.isfinite(first) and last < first * 0.95, (first, last)
+  assert built.info["vae_parameters"] > 0
+
+
+def test_vae_stage_resumes_bit_exactly_and_writes_a_model(world_tokenizer, world_data, tmp_path):
+  cache = str(tmp_path / "cache")
+  cfg = _tiny_vae_cfg(world_tokenizer, world_data)
+  cfg.num_steps, cfg.checkpoint.every, cfg.compilation_cache = 4, 2, cache
+  assert run(cfg, str(tmp_path / "straight")) == 0
+  cfg.stop_after = 2
+  assert run(cfg, str(tmp_path / "resumed")) == 0
+  cfg.stop_after = 0
+  assert run(cfg, str(tmp_path / "resumed")) == 0
+  a = safetensors.numpy.load_file(str(tmp_path / "straight" / "final" / "trainable.safetensors"))
+  b = safetensors.numpy.load_file(str(tmp_path / "resumed" / "final" / "trainable.safetensors"))
+  assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+  model = tmp_path / "straight" / "final" / "model"
+  config = json.load(open(model / "config.json"))
+  info = json.load(open(tmp_path / "straight" / "final" / "info.json"))
+  assert config["vae"]["scaling_factor"] == pytest.approx(1.0 / info["latent_std"])
+  assert (model / "tokenizer" / "vocab.json").exists() and (model / "vae.safetensors").exists()
+
+
+@pytest.fixture(scope="module")
+def vae_model(world_tokenizer, world_data, tmp_path_factory):
+  work = tmp_path_factory.mktemp("vae_run")
+  cfg = _tiny_vae_cfg(world_tokenizer, world_data)
+  cfg.num_steps, cfg.checkpoint.every = 2, 2
+  assert run(cfg, str(work)) == 0
+  return str(work / "final" / "model")
+
+
+def test_t2v_trainable_selection(vae_model, world_data):
+  cfg = _tiny_t2v_cfg(vae_model, world_data)
+  built = TextToVideoTask.from_config(cfg).build(cfg, rngs=nnx.Rngs(0))
+
+  def names(spatial, motion, text):
+    _, state, _ = nnx.split(built.model, t2v_trainable(spatial, motion, text), ...)
+    return [".".join(map(str, p)) for p, _ in nnx.to_flat_state(state)]
+
+  everything = names(True, True, True)
+  motion = names(False, True, False)
+  spatial = names(True, False, False)
+  text = names(False, False, True)
+  assert motion and spatial and text and not any(n.startswith("vae.") for n in everything)
+  assert all("motion_modules" in n for n in motion) and not any("motion_modules" in n for n in spatial)
+  assert all(n.startswith("text_encoder.") for n in text)
+  assert sorted(motion + spatial + text) == sorted(everything)
+  # A fresh UNet's motion modules start as the identity (AnimateDiff's zero-initialised proj_out).
+  outs = [m.proj_out.kernel[...] for _, m in nnx.iter_modules(built.model.unet) if hasattr(m, "proj_out")
+          and "Motion" in type(m).__name__]
+  assert outs and all(float(jnp.abs(k).max()) == 0.0 for k in outs)
+
+
+def test_t2v_objective_step_lowers_the_loss(vae_model, world_data):
+  cfg = _tiny_t2v_cfg(vae_model, world_data)
+  cfg.uncond_prob = 0.0
+  first, last, _ = _fixed_batch_improves(TextToVideoTask.from_config(cfg), cfg, steps=4)
+  assert np.isfinite(first) and last < first, (first, last)
+
+
+@pytest.mark.slow
+def test_t2v_stage_resumes_bit_exactly_and_samples(vae_model, world_data, tmp_path):
+  from vcjax.pipeline import VideoPipeline
+  cfg = _tiny_t2v_cfg(vae_model, world_data)
+  cfg.num_steps, cfg.checkpoint.every, cfg.compilation_cache = 4, 2, str(tmp_path / "cache")
+  assert run(cfg, str(tmp_path / "straight")) == 0
+  cfg.stop_after = 2
+  assert run(cfg, str(tmp_path / "resumed")) == 0
+  cfg.stop_after = 0
+  assert run(cfg, str(tmp_path / "resumed")) == 0
+  a = safetensors.numpy.load_file(str(tmp_path / "straight" / "final" / "trainable.safetensors"))
+  b = safetensors.numpy.load_file(str(tmp_path / "resumed" / "final" / "trainable.safetensors"))
+  assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+  # The exported folder is a complete model for the ordinary pipeline, with the training betas.
+  model = str(tmp_path / "straight" / "final" / "model")
+  pipe = VideoPipeline.from_pretrained(model)
+  assert pipe.scheduler_settings().beta_schedule == "linear" and pipe.vae_scale == 2
+  out = pipe.generate(["a red star moving left over grass"], seeds=[0], num_frames=3, height=32, width=32,
+                      steps=2, guidance_scale=2.0)
+  assert out.frames.shape == (1, 3, 32, 32, 3) and np.isfinite(out.latents).all()
