@@ -1,5 +1,8 @@
 """Sample videos with vcjax: AnimateDiff text-to-video, VideoMaker (reference image), CustomCrafter
-(subject LoRA with dynamic weighting). See configs/sample_*.py for the settings of each.
+(subject LoRA with dynamic weighting). See configs/sample_*.py for the settings of each; with no --config,
+configs/sample_world.py (the world model shipped in models/world/).
+
+    python sample.py
 
     python sample.py --config configs/sample_animatediff.py --config.model=converted/ \
         --config.prompt="a corgi running on the beach" --config.output=outputs/corgi.mp4
@@ -16,9 +19,11 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
+# Without --config: the world model shipped in models/world/ (configs/sample_world.py).
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "sample_world.py")
 # Defined once per process: this file is also imported (tests; `python -m vcjax.eval.protocol` shares the flag).
 if "config" not in flags.FLAGS:
-  config_flags.DEFINE_config_file("config", None, "a configs/sample_*.py file", lock_config=True)
+  config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "a configs/sample_*.py file", lock_config=True)
 
 
 def versions() -> dict[str, str]:
@@ -76,7 +81,10 @@ def run(cfg) -> list[str]:
   from vcjax.compiler import use_compilation_cache
   use_compilation_cache(cfg.compilation_cache)  # before anything compiles: a repeat run loads executables
   if not cfg.model or not os.path.isdir(cfg.model):
-    raise ValueError(f"model folder not found: {cfg.model!r} (convert one with convert/animatediff.py)")
+    hint = ("the world model, not trained yet: its recipe is configs/world_vae.py, then configs/world_t2v.py"
+            if os.path.abspath(cfg.model or ".").endswith(os.path.join("models", "world")) else
+            "convert one with convert/animatediff.py")
+    raise ValueError(f"model folder not found: {cfg.model!r} ({hint})")
   if cfg.height % 8 or cfg.width % 8:
     raise ValueError(f"height and width must be divisible by 8, got {cfg.height}x{cfg.width}")
   from vcjax.diffusion.video_to_video import generate_options

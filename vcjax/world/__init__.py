@@ -44,7 +44,8 @@ seen in training, only these combinations are new.
 
 Modules: config (WorldConfig), sprites, backgrounds, motion, captions (grammar, parser, vocabulary),
 splits, clips (sampling and rendering), truth (centroid track, motion class, dynamic degree from masks),
-export (CLI).
+export (CLI), tokenizer (CLIP BPE files, one token per world word), probe (a small attribute / mask network
+read off frames) and evaluate (world metrics of a model or of videos: `python -m vcjax.world.evaluate`).
 """
 
 from vcjax.world import backgrounds, captions, clips, motion, splits, sprites, truth
