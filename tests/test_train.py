@@ -299,3 +299,18 @@ def test_train_cli_errors(tmp_path, capsys):
   paper = dc("girl")
   assert (paper.optimizer.learning_rate, paper.optimizer.weight_decay, paper.optimizer.grad_clip) == (1e-5, 1e-2, 1.0)
   assert dc("subject").optimizer.learning_rate == 3e-5 and dc("subject").lora_rank == 4
+
+
+def test_tasks_by_name_or_dotted_path():
+  from vcjax.train.task import Task, task_class
+  from vcjax.train.objectives.vae import VAETask
+  assert task_class("vae") is VAETask
+  assert task_class("vcjax.train.objectives.vae:VAETask") is VAETask  # a new objective needs no registry entry
+  assert task_class("girl") is GirlTask and issubclass(task_class("subject"), Task)
+  for bad, why in (("nope", "unknown task"), ("vcjax.nope:X", "cannot import"), ("vcjax.train.task:Built", "not a")):
+    with pytest.raises(ValueError, match=why):
+      task_class(bad)
+  cfg = default_config("girl")
+  del cfg["ref_loss_weight"]  # a hyper-parameter without a default must come from the config
+  with pytest.raises(ValueError, match="ref_loss_weight"):
+    GirlTask.from_config(cfg)

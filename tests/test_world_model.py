@@ -124,17 +124,9 @@ def _fixed_batch_improves(task, cfg, steps=3):
   return losses[0], losses[-1], built
 
 
-def test_vae_objective_step_lowers_the_loss(world_tokenizer, world_data):
-  cfg = _tiny_vae_cfg(world_tokenizer, world_data)
-  first, last, built = _fixed_batch_improves(VAETask.from_config(cfg), cfg)
-  assert np.isfinite(first) and last < first * 0.95, (first, last)
-  assert built.info["vae_parameters"] > 0
-
-
-def test_vae_stage_resumes_bit_exactly_and_writes_a_model(world_tokenizer, world_data, tmp_path):
-  cache = str(tmp_path / "cache")
-  cfg = _tiny_vae_cfg(world_tokenizer, world_data)
-  cfg.num_steps, cfg.checkpoint.every, cfg.compilation_cache = 4, 2, cache
+def _resumes_bit_exactly(cfg, tmp_path):
+  """4 steps straight vs 2 steps, stop (a checkpoint), resume for 2: equal final weights, bit for bit."""
+  cfg.num_steps, cfg.checkpoint.every, cfg.compilation_cache = 4, 2, str(tmp_path / "cache")
   assert run(cfg, str(tmp_path / "straight")) == 0
   cfg.stop_after = 2
   assert run(cfg, str(tmp_path / "resumed")) == 0
@@ -143,6 +135,17 @@ def test_vae_stage_resumes_bit_exactly_and_writes_a_model(world_tokenizer, world
   a = safetensors.numpy.load_file(str(tmp_path / "straight" / "final" / "trainable.safetensors"))
   b = safetensors.numpy.load_file(str(tmp_path / "resumed" / "final" / "trainable.safetensors"))
   assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_vae_objective_step_lowers_the_loss(world_tokenizer, world_data):
+  cfg = _tiny_vae_cfg(world_tokenizer, world_data)
+  first, last, built = _fixed_batch_improves(VAETask.from_config(cfg), cfg)
+  assert np.isfinite(first) and last < first * 0.95, (first, last)
+  assert built.info["vae_parameters"] > 0
+
+
+def test_vae_stage_resumes_bit_exactly_and_writes_a_model(world_tokenizer, world_data, tmp_path):
+  _resumes_bit_exactly(_tiny_vae_cfg(world_tokenizer, world_data), tmp_path)
   model = tmp_path / "straight" / "final" / "model"
   config = json.load(open(model / "config.json"))
   info = json.load(open(tmp_path / "straight" / "final" / "info.json"))
@@ -191,16 +194,7 @@ def test_t2v_objective_step_lowers_the_loss(vae_model, world_data):
 @pytest.mark.slow
 def test_t2v_stage_resumes_bit_exactly_and_samples(vae_model, world_data, tmp_path):
   from vcjax.pipeline import VideoPipeline
-  cfg = _tiny_t2v_cfg(vae_model, world_data)
-  cfg.num_steps, cfg.checkpoint.every, cfg.compilation_cache = 4, 2, str(tmp_path / "cache")
-  assert run(cfg, str(tmp_path / "straight")) == 0
-  cfg.stop_after = 2
-  assert run(cfg, str(tmp_path / "resumed")) == 0
-  cfg.stop_after = 0
-  assert run(cfg, str(tmp_path / "resumed")) == 0
-  a = safetensors.numpy.load_file(str(tmp_path / "straight" / "final" / "trainable.safetensors"))
-  b = safetensors.numpy.load_file(str(tmp_path / "resumed" / "final" / "trainable.safetensors"))
-  assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+  _resumes_bit_exactly(_tiny_t2v_cfg(vae_model, world_data), tmp_path)
   # The exported folder is a complete model for the ordinary pipeline, with the training betas.
   model = str(tmp_path / "straight" / "final" / "model")
   pipe = VideoPipeline.from_pretrained(model)

@@ -24,6 +24,8 @@ from typing import Any, ClassVar
 
 from flax import nnx
 
+from vcjax.diffusion.schedulers import SchedulerConfig
+
 TASKS = {
     "subject": "vcjax.methods.customcrafter.training:SubjectTask",  # CustomCrafter subject LoRA
     "girl": "vcjax.methods.videomaker.training:GirlTask",  # VideoMaker GIRL
@@ -71,6 +73,18 @@ class Task:
   def export(self, model: nnx.Module, out: str, info: dict, cfg) -> None:
     """Write the task's final files into `out` (the loop writes trainable.safetensors and, after this,
     info.json with what this adds to `info`)."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DiffusionHParams:
+  """The training noise schedule, shared by every diffusion objective's HParams (subclass it)."""
+  beta_schedule: str = "linear"  # AnimateDiff's DDPM schedule
+  beta_start: float = 0.00085
+  beta_end: float = 0.012
+
+  @property
+  def scheduler(self) -> SchedulerConfig:
+    return SchedulerConfig(beta_schedule=self.beta_schedule, beta_start=self.beta_start, beta_end=self.beta_end)
 
 
 def task_class(name: str) -> type[Task]:

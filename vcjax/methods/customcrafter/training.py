@@ -22,7 +22,7 @@ from flax import nnx
 
 from vcjax.diffusion import losses
 from vcjax.methods.customcrafter import LORA_TARGETS
-from vcjax.diffusion.schedulers import SchedulerConfig, add_noise
+from vcjax.diffusion.schedulers import add_noise
 from vcjax.models.tokenizer import tokenize
 from vcjax.models.trainable_tokens import add_placeholder_token, add_trainable_tokens
 from vcjax.nn import lora
@@ -30,13 +30,13 @@ from vcjax.nn.attention import set_attention
 from vcjax.train.data import SyntheticSource, folder_loader
 from vcjax.train.latents import encode, latent_mask, repeat_frames
 from vcjax.train.models import load_for_training
-from vcjax.train.task import Built, Task
+from vcjax.train.task import Built, DiffusionHParams, Task
 
 __all__ = ["LORA_TARGETS", "SubjectHParams", "SubjectTask"]
 
 
-@dataclasses.dataclass(frozen=True)
-class SubjectHParams:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SubjectHParams(DiffusionHParams):
   """The objective's settings (config keys of the same names; defaults in configs/train_common.py)."""
   new_token: str
   class_word: str
@@ -46,13 +46,6 @@ class SubjectHParams:
   loss_kind: str  # "l1" (authors' code) | "l2" (paper)
   prior_loss_weight: float
   num_frames: int  # subject images are repeated into static clips of this many frames
-  beta_schedule: str
-  beta_start: float
-  beta_end: float
-
-  @property
-  def scheduler(self) -> SchedulerConfig:
-    return SchedulerConfig(beta_schedule=self.beta_schedule, beta_start=self.beta_start, beta_end=self.beta_end)
 
 
 class SubjectTask(Task):

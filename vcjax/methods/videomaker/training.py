@@ -20,17 +20,17 @@ import numpy as np
 from flax import nnx
 
 from vcjax.diffusion import losses
-from vcjax.diffusion.schedulers import SchedulerConfig, add_noise, snr
+from vcjax.diffusion.schedulers import add_noise, snr
 from vcjax.methods.videomaker.reference import unet_with_reference
 from vcjax.models.tokenizer import tokenize
 from vcjax.train.data import SyntheticSource, folder_loader
 from vcjax.train.latents import encode
 from vcjax.train.models import load_for_training
-from vcjax.train.task import Built, Task
+from vcjax.train.task import Built, DiffusionHParams, Task
 
 
-@dataclasses.dataclass(frozen=True)
-class GirlHParams:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GirlHParams(DiffusionHParams):
   """The objective's settings (config keys of the same names; defaults in configs/train_common.py)."""
   train_motion: bool
   min_snr_gamma: float  # <= 0: no Min-SNR weighting
@@ -39,13 +39,6 @@ class GirlHParams:
   drop_text: float
   drop_reference: float
   drop_both: float
-  beta_schedule: str
-  beta_start: float
-  beta_end: float
-
-  @property
-  def scheduler(self) -> SchedulerConfig:
-    return SchedulerConfig(beta_schedule=self.beta_schedule, beta_start=self.beta_start, beta_end=self.beta_end)
 
 
 def girl_trainable(train_motion: bool):

@@ -32,23 +32,16 @@ from vcjax.train.data import SyntheticSource, folder_loader
 from vcjax.train.latents import encode
 from vcjax.train.models import TrainModel, load_component
 from vcjax.train.objectives.common import fresh_or_loaded, write_converted
-from vcjax.train.task import Built, Task
+from vcjax.train.task import Built, DiffusionHParams, Task
 
 
-@dataclasses.dataclass(frozen=True)
-class T2VHParams:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class T2VHParams(DiffusionHParams):
   train_spatial: bool = True
   train_motion: bool = True
   train_text_encoder: bool = False
   uncond_prob: float = 0.1
   min_snr_gamma: float = 0.0  # <= 0: plain eps MSE
-  beta_schedule: str = "linear"
-  beta_start: float = 0.00085
-  beta_end: float = 0.012
-
-  @property
-  def scheduler(self) -> SchedulerConfig:
-    return SchedulerConfig(beta_schedule=self.beta_schedule, beta_start=self.beta_start, beta_end=self.beta_end)
 
 
 def t2v_trainable(spatial: bool, motion: bool, text_encoder: bool):
