@@ -61,3 +61,13 @@ def folder_loader(cfg, kind: str, tokenizer, *, batch_size: int, seed: int, **kw
   from vcjax.data.loaders import make_loader  # grain / tfds: imported only when used
   return make_loader(kind, d.dir, batch_size, seed, tokenizer, dataset=d.get("dataset") or None,
                      num_threads=d.get("num_threads", 4), worker_count=d.get("worker_count", 0), **kwargs)
+
+
+def video_clip_loader(cfg, tokenizer, *, batch_size: int, seed: int, frame_stride: int):
+  """Captioned clips of a prepared video dataset with SHP references (the "videomaker" loader): each read
+  draws cfg.num_frames frames, cfg.data.frame_stride (default `frame_stride`) apart or, with sampling
+  "window", evenly over cfg.data.window."""
+  d = cfg.data
+  return folder_loader(cfg, "videomaker", tokenizer, batch_size=batch_size, seed=seed, shp=d.get("shp", "object"),
+                       num_frames=cfg.num_frames, frame_stride=d.get("frame_stride", frame_stride),
+                       sampling=d.get("sampling", "stride"), window=d.get("window", 64))

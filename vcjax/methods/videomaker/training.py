@@ -23,7 +23,7 @@ from vcjax.diffusion import losses
 from vcjax.diffusion.schedulers import add_noise, snr
 from vcjax.methods.videomaker.reference import unet_with_reference
 from vcjax.models.tokenizer import tokenize
-from vcjax.train.data import SyntheticSource, folder_loader
+from vcjax.train.data import SyntheticSource, video_clip_loader
 from vcjax.train.latents import encode
 from vcjax.train.models import load_for_training
 from vcjax.train.task import Built, DiffusionHParams, Task
@@ -119,10 +119,7 @@ class GirlTask(Task):
                 "reference": rng.uniform(-1, 1, (s, s, 3)).astype(np.float32)}
 
       return SyntheticSource(example, batch_size=batch_size, seed=seed, num_examples=cfg.data.num_examples)
-    d = cfg.data
-    return folder_loader(cfg, "videomaker", tokenizer, batch_size=batch_size, seed=seed, shp=d.get("shp", "object"),
-                         num_frames=cfg.num_frames, frame_stride=d.get("frame_stride", 8),
-                         sampling=d.get("sampling", "stride"), window=d.get("window", 64))
+    return video_clip_loader(cfg, tokenizer, batch_size=batch_size, seed=seed, frame_stride=8)
 
   def export(self, model, out: str, info: dict, cfg) -> None:
     """The whole UNet as a diffusers UNetMotionModel folder (what VideoMaker releases), unet_diffusers/."""

@@ -28,10 +28,11 @@ from vcjax.diffusion import losses
 from vcjax.diffusion.schedulers import SchedulerConfig, add_noise, snr
 from vcjax.models.configs import reconfigure
 from vcjax.models.tokenizer import check_length, load_tokenizer, tokenize
-from vcjax.train.data import SyntheticSource, folder_loader
+from vcjax.train.data import SyntheticSource, video_clip_loader
 from vcjax.train.latents import encode
 from vcjax.train.models import TrainModel, load_component
 from vcjax.train.objectives.common import fresh_or_loaded, write_converted
+from vcjax.train.state import count_params
 from vcjax.train.task import Built, DiffusionHParams, Task
 
 
@@ -91,8 +92,8 @@ class TextToVideoTask(Task):
     check_length(tokenizer, text_encoder.config.max_position_embeddings)
     self._empty_ids = tokenize(tokenizer, [""])[0]
     model = TrainModel(unet=unet, vae=vae, text_encoder=text_encoder)
-    count = lambda m: int(sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param))))
-    info = {"unet_parameters": count(unet), "text_encoder_parameters": count(text_encoder)}
+    info = {"unet_parameters": count_params(nnx.state(unet, nnx.Param)),
+            "text_encoder_parameters": count_params(nnx.state(text_encoder, nnx.Param))}
     return Built(model, t2v_trainable(hp.train_spatial, hp.train_motion, hp.train_text_encoder), tokenizer, info)
 
   def objective(self, model, latents, input_ids, noise, timesteps):
@@ -129,10 +130,7 @@ class TextToVideoTask(Task):
         return {"pixels": rng.uniform(-1, 1, (f, s, s, 3)).astype(np.float32), "input_ids": ids[index % 2]}
 
       return SyntheticSource(example, batch_size=batch_size, seed=seed, num_examples=cfg.data.num_examples)
-    d = cfg.data
-    return folder_loader(cfg, "videomaker", tokenizer, batch_size=batch_size, seed=seed, shp=d.get("shp", "object"),
-                         num_frames=cfg.num_frames, frame_stride=d.get("frame_stride", 1),
-                         sampling=d.get("sampling", "stride"), window=d.get("window", 64))
+    return video_clip_loader(cfg, tokenizer, batch_size=batch_size, seed=seed, frame_stride=1)
 
   def export(self, model, out: str, info: dict, cfg) -> None:
     """out/model: a converted folder (UNet, text encoder, the VAE and tokenizer of config.model, the

@@ -22,9 +22,10 @@ import numpy as np
 from flax import nnx
 
 from vcjax.models.tokenizer import load_tokenizer
-from vcjax.train.data import SyntheticSource, folder_loader
+from vcjax.train.data import SyntheticSource, video_clip_loader
 from vcjax.train.models import TrainModel
 from vcjax.train.objectives.common import fresh_or_loaded, write_converted
+from vcjax.train.state import count_params
 from vcjax.train.task import Built, Task
 
 
@@ -49,7 +50,7 @@ class VAETask(Task):
   def build(self, cfg, *, rngs: nnx.Rngs) -> Built:
     vae = fresh_or_loaded(cfg, "vae", rngs=rngs, compute_dtype=cfg.dtype)
     tokenizer = load_tokenizer(cfg.tokenizer) if cfg.get("tokenizer") else None
-    return Built(TrainModel(vae=vae), nnx.Param, tokenizer, {"vae_parameters": _count(vae)})
+    return Built(TrainModel(vae=vae), nnx.Param, tokenizer, {"vae_parameters": count_params(nnx.state(vae, nnx.Param))})
 
   def objective(self, model, frames, key):
     """frames `(N, H, W, 3)` in [-1, 1] -> (loss, aux)."""
@@ -88,10 +89,7 @@ class VAETask(Task):
       return SyntheticSource(example, batch_size=batch_size, seed=seed, num_examples=cfg.data.num_examples)
     if tokenizer is None:
       raise ValueError("task vae with data.kind 'folder' needs config.tokenizer (the loader tokenizes captions)")
-    d = cfg.data
-    return folder_loader(cfg, "videomaker", tokenizer, batch_size=batch_size, seed=seed, shp=d.get("shp", "object"),
-                         num_frames=cfg.num_frames, frame_stride=d.get("frame_stride", 1),
-                         sampling=d.get("sampling", "stride"), window=d.get("window", 64))
+    return video_clip_loader(cfg, tokenizer, batch_size=batch_size, seed=seed, frame_stride=1)
 
   def export(self, model, out: str, info: dict, cfg) -> None:
     """out/model: a converted folder holding the VAE (scaling factor measured), the tokenizer of
@@ -116,7 +114,3 @@ class VAETask(Task):
       pixels = np.asarray(next(data)["pixels"], np.float32)
       values.append(np.asarray(encode(state, pixels.reshape(-1, *pixels.shape[2:])), np.float64).ravel())
     return float(np.concatenate(values).std())
-
-
-def _count(module) -> int:
-  return int(sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param))))
