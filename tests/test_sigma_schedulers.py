@@ -83,8 +83,14 @@ def run(name, cfg, n):
   """Both loops; asserts each step; returns the worst relative error."""
   d = make_diffusers(name, cfg, n)
   sched = S.make_scheduler(name, cfg, n)
-  np.testing.assert_array_equal(sched.timesteps, d.timesteps.numpy())
-  assert sched.init_noise_sigma == float(d.init_noise_sigma)
+  # torch's vectorized float32 sqrt on CPU is not always correctly rounded (here 168 of the 1000 training
+  # sigmas are one ulp from numpy's), so what diffusers derives from the sigmas -- the Karras timesteps, and
+  # since diffusers 0.42 init_noise_sigma -- can be a few ulps away; the spaced timesteps are exact.
+  if cfg.use_karras_sigmas:
+    np.testing.assert_allclose(sched.timesteps, d.timesteps.numpy(), rtol=1e-6, atol=0)
+  else:
+    np.testing.assert_array_equal(sched.timesteps, d.timesteps.numpy())
+  np.testing.assert_allclose(sched.init_noise_sigma, float(d.init_noise_sigma), rtol=5e-7, atol=0)  # <= 2 ulp
   if name in ("euler", "euler_a"):
     want = d.sigmas.numpy()
     got = np.concatenate([np.asarray(sched.tables.sigma), want[-1:]])
