@@ -6,6 +6,12 @@ from scratch for text-to-video with the eps objective, over the frozen stage-1 V
 
 Writes runs/world_t2v/final/model/: the complete converted model (sample.py --config.model=...).
 Re-running the command resumes from the newest checkpoint.
+
+Continuing from a converted folder instead (the UNet and text encoder of config.model, a fresh optimizer;
+e.g. the snapshot a working day ended with, see models/README.md):
+
+    python train.py --config configs/world_t2v.py:continue --workdir runs/world_t2v_b \
+        --config.model=SNAPSHOT --config.num_steps=STEPS_LEFT
 """
 
 import ml_collections
@@ -27,12 +33,15 @@ TEXT = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_att
             max_position_embeddings=24, hidden_act="quick_gelu")
 
 
-def get_config():
+def get_config(variant: str = ""):
+  if variant not in ("", "continue"):
+    raise ValueError(f"configs/world_t2v.py takes no argument or ':continue', got {variant!r}")
   c = t2v_config()
   c.resolution = 64
   c.num_frames = 16
-  c.unet = ml_collections.ConfigDict(UNET)
-  c.text_encoder = ml_collections.ConfigDict(TEXT)
+  fresh = variant != "continue"  # continue: both from config.model (empty = load)
+  c.unet = ml_collections.ConfigDict(UNET if fresh else {})
+  c.text_encoder = ml_collections.ConfigDict(TEXT if fresh else {})
   c.train_text_encoder = True
   c.batch_size = 4
   c.num_steps = 6000
