@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from convert.animatediff import main as convert_main
-from tests.reference import rel_err, run_both, to_channels_last_video
+from tests.reference import call_compiled, rel_err, run_both, to_channels_last_video
 from vcjax.loading import load_text_encoder, load_unet, load_vae, read_info
 from vcjax.weights import store
 
@@ -167,7 +167,8 @@ def test_videomaker_style_full_unet_weights_apply_over_the_base(random_pipeline,
   assert rel_err(got, want) <= 1e-5
   # Without the override the output differs: the weights really were applied.
   plain = load_unet(convert(tmp_path, "plain", "--base", rp["base"], "--motion-module", rp["motion_diffusers"]))
-  got_plain = plain(jnp.asarray(to_channels_last_video(latents)), jnp.array([300]), jnp.asarray(context))
+  got_plain = call_compiled(plain, jnp.asarray(to_channels_last_video(latents)), jnp.array([300]),
+                            jnp.asarray(context))
   assert rel_err(got_plain, want) > 1e-3
 
 
@@ -187,10 +188,10 @@ def test_lora_flag_merges_into_the_converted_unet(random_pipeline, converted, tm
   x = jnp.asarray(rng.standard_normal((1, 2, 8, 8, 4)), jnp.float32)
   ctx = jnp.asarray(rng.standard_normal((1, 77, 32)), jnp.float32)
   set_lora_scale(unet, 0.5)
-  want = unet(x, jnp.array([10]), ctx)
-  assert rel_err(load_unet(out)(x, jnp.array([10]), ctx), want) <= 1e-5
+  want = call_compiled(unet, x, jnp.array([10]), ctx)
+  assert rel_err(call_compiled(load_unet(out), x, jnp.array([10]), ctx), want) <= 1e-5
   set_lora_scale(unet, 0.0)
-  assert rel_err(unet(x, jnp.array([10]), ctx), want) > 1e-3
+  assert rel_err(call_compiled(unet, x, jnp.array([10]), ctx), want) > 1e-3
 
 
 def test_the_base_models_scheduler_config_is_kept(random_pipeline, tmp_path, capsys):
