@@ -5,6 +5,17 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 
 import pytest  # noqa: E402
 
+# Building the tiny random PyTorch pipeline and converting it takes ~30 s per worker, and what a test does
+# with it (a diffusers run, a compiled UNet) takes longer: every test that asks for one of these models is
+# `slow`, so that `pytest -m "not slow"` is the quick unit tests. The README's test command runs all.
+HEAVY_FIXTURES = {"random_pipeline", "converted", "odd_model"}
+
+
+def pytest_collection_modifyitems(config, items):
+  for item in items:
+    if HEAVY_FIXTURES & set(getattr(item, "fixturenames", ())):
+      item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def random_pipeline(tmp_path_factory):

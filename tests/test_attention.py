@@ -238,6 +238,7 @@ def fill_random_(module, seed=0):
   return module
 
 
+@pytest.mark.slow  # > 15 s on 2 CPU cores
 def test_unet_bf16_close_to_fp32():
   """bf16 params and activations through the tiny UNet (norms and softmax in fp32) vs the fp32 UNet with
   the same (bf16-representable) weights: what bf16 compute costs, not what rounding the weights costs."""

@@ -146,6 +146,7 @@ def test_subject_defaults_and_no_grad_clip():
 
 # ------------------------------------------------------------------------------------------ motion init
 
+@pytest.mark.slow  # > 15 s on 2 CPU cores
 def test_fresh_motion_module_proj_out_is_zero():
   mm = MotionModule(8, 2, groups=2, rngs=nnx.Rngs(0))
   assert np.all(np.asarray(mm.proj_out.kernel.get_value()) == 0) and np.all(np.asarray(mm.proj_out.bias.get_value()) == 0)

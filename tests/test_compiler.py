@@ -117,6 +117,7 @@ def test_jit_applies_the_options_and_computes_the_same():
   assert "ynn_fusion" not in ours.lower(x, w).compile().as_text()
 
 
+@pytest.mark.slow  # > 15 s on 2 CPU cores
 def test_memory_optimized_schedule_lowers_the_unet_buffer_plan():
   """Tiny UNet3D forward, 16 frames: the memory-optimized scheduler shrinks XLA's buffer plan (13.6 -> 9.7 MiB,
   both without YNNPACK fusions; 22.3 MiB with them; 1198 -> 433 MiB at SD1.5 size)."""

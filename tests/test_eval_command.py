@@ -108,6 +108,7 @@ def expected(setup, path):
   return out
 
 
+@pytest.mark.slow  # > 15 s on 2 CPU cores
 def test_command_equals_the_authors_procedure(setup, capsys):
   root = setup["root"]
   out = root / "results.json"

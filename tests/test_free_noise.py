@@ -80,6 +80,7 @@ def test_unet_matches_diffusers(torch_pipe, converted, frames, length, stride, s
   torch_pipe.disable_free_noise()
 
 
+@pytest.mark.slow  # > 15 s on 2 CPU cores
 def test_extra_frames_join_every_window():
   """VideoMaker's reference (an extra last frame) is appended to each window, its output the windows' mean."""
   from flax import nnx

@@ -230,6 +230,7 @@ def lora_file(tmp_path, flavour: str, targets, seed=5):
 
 
 @pytest.mark.parametrize("flavour", ["peft", "kohya"])
+@pytest.mark.slow  # > 15 s on 2 CPU cores
 def test_lora_file_unmerged_equals_merged_checkpoint(base, tmp_path, flavour):
   model, inputs, _ = base
   shapes = {p: m.kernel.get_value().shape for p, m in L.linear_modules(model).items()}

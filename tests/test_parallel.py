@@ -101,6 +101,7 @@ def test_activation_spec_rules():
     assert parallel.seq_parallel_active()
 
 
+@pytest.mark.slow  # > 15 s on 2 CPU cores
 def test_data_parallel_forward(model):
   _, state, forward, inputs, reference = model
   mesh = parallel.make_mesh(data=8)
@@ -149,6 +150,7 @@ def test_sequence_parallel_forward(model, monkeypatch):
   assert out.sharding.spec in (P(None, "seq"), P(None, "seq", None, None, None))
 
 
+@pytest.mark.slow  # > 15 s on 2 CPU cores
 def test_fsdp_forward(model):
   _, state, forward, inputs, reference = model
   mesh = parallel.make_mesh(data=1, fsdp=8)

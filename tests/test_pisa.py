@@ -84,6 +84,7 @@ def models():
   return ref, unet, vae, from_state_dict("vae", VAEConfig.from_dict(dict(vae.config)), vae_sd)
 
 
+@pytest.mark.slow  # > 15 s on 2 CPU cores
 def test_unet_with_reference_matches_diffusers_with_pisa_processor(models):
   ref_model, unet, _, _ = models
   installed, stock = install_pisa_(ref_model, VIDEO_FRAMES)

@@ -61,6 +61,7 @@ def test_trainable_selection(converted):
     assert motion == (sorted(all_motion, key=names.index) if train_motion else [])
 
 
+@pytest.mark.slow  # > 15 s on 2 CPU cores
 def test_start_token_detach():
   rngs = nnx.Rngs(0)
   attn = Attention(8, 2, context_dim=6, rngs=rngs)
@@ -120,6 +121,7 @@ def test_new_token_splice(converted):
   assert np.abs(np.asarray(jax.tree.leaves(g)[0])).sum() > 0
 
 
+@pytest.mark.slow  # > 15 s on 2 CPU cores
 def test_remat_blocks_same_values_and_grads():
   class Tiny(nnx.Module):
     def __init__(self, remat: bool):

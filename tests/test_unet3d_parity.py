@@ -41,6 +41,7 @@ def inputs(seed=0):
 
 
 @pytest.mark.parametrize("mid_block", [False, True])
+@pytest.mark.slow  # > 15 s on 2 CPU cores
 def test_matches_diffusers_unet_motion_model(tmp_path, mid_block):
   ref = diffusers_unet(mid_block)
   ref.save_pretrained(tmp_path)
@@ -54,6 +55,7 @@ def test_matches_diffusers_unet_motion_model(tmp_path, mid_block):
 
 
 @pytest.mark.parametrize("size", [(5, 7), (9, 6), (3, 3)])
+@pytest.mark.slow  # > 15 s on 2 CPU cores
 def test_latent_sizes_the_downsamplers_round(tmp_path, size):
   """Odd latent sizes: stride-2 downsampling rounds up, and each upsampler resizes to its skip's size (diffusers'
   upsample_size, torch's nearest rule) instead of doubling."""
@@ -118,6 +120,7 @@ def original_semantics_(model: UNetMotionModel, pooled_resnets: bool):
 
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
+@pytest.mark.slow  # > 15 s on 2 CPU cores
 def test_original_semantics_matches_per_frame_reference(tmp_path, version):
   from vcjax.models.configs import norm_semantics
   mid = version == "v2"

@@ -34,6 +34,7 @@ def ground_truth(world, shipped):
   return evaluate.evaluate(evaluate.ground_truth_videos(world, 100, "train"), shipped, world)
 
 
+@pytest.mark.slow  # > 15 s on 2 CPU cores
 def test_probe_training_decreases_loss_on_a_fixed_batch():
   import jax
   from flax import nnx

@@ -137,6 +137,7 @@ def _resumes_bit_exactly(cfg, tmp_path):
   assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow  # > 15 s on 2 CPU cores
 def test_vae_objective_step_lowers_the_loss(world_tokenizer, world_data):
   cfg = _tiny_vae_cfg(world_tokenizer, world_data)
   first, last, built = _fixed_batch_improves(VAETask.from_config(cfg), cfg)
@@ -144,6 +145,7 @@ def test_vae_objective_step_lowers_the_loss(world_tokenizer, world_data):
   assert built.info["vae_parameters"] > 0
 
 
+@pytest.mark.slow  # > 15 s on 2 CPU cores
 def test_vae_stage_resumes_bit_exactly_and_writes_a_model(world_tokenizer, world_data, tmp_path):
   _resumes_bit_exactly(_tiny_vae_cfg(world_tokenizer, world_data), tmp_path)
   model = tmp_path / "straight" / "final" / "model"
@@ -162,6 +164,7 @@ def vae_model(world_tokenizer, world_data, tmp_path_factory):
   return str(work / "final" / "model")
 
 
+@pytest.mark.slow  # > 15 s on 2 CPU cores
 def test_t2v_trainable_selection(vae_model, world_data):
   cfg = _tiny_t2v_cfg(vae_model, world_data)
   built = TextToVideoTask.from_config(cfg).build(cfg, rngs=nnx.Rngs(0))
@@ -184,6 +187,7 @@ def test_t2v_trainable_selection(vae_model, world_data):
   assert outs and all(float(jnp.abs(k).max()) == 0.0 for k in outs)
 
 
+@pytest.mark.slow  # > 15 s on 2 CPU cores
 def test_t2v_objective_step_lowers_the_loss(vae_model, world_data):
   cfg = _tiny_t2v_cfg(vae_model, world_data)
   cfg.uncond_prob = 0.0
