@@ -8,7 +8,7 @@ Writes runs/world_t2v/final/model/: the complete converted model (sample.py --co
 Re-running the command resumes from the newest checkpoint.
 
 Continuing from a converted folder instead (the UNet and text encoder of config.model, a fresh optimizer;
-e.g. the snapshot a working day ended with, see models/README.md):
+e.g. the snapshot a working day ended with, see models/snapshots/README.md):
 
     python train.py --config configs/world_t2v.py:continue --workdir runs/world_t2v_b \
         --config.model=SNAPSHOT --config.num_steps=STEPS_LEFT
