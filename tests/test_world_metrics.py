@@ -158,3 +158,24 @@ def test_evaluate_cli_on_a_tiny_random_model(converted, tmp_path):
   for k in ("colour_accuracy", "motion_accuracy", "dynamic_degree_still", "temporal_consistency"):
     assert k in proc.stdout
   assert "6 videos, seeds [0, 1]" in proc.stdout
+
+
+def test_ground_truth_through_a_vae_is_its_round_trip(converted, shipped):
+  """--through-vae: each clip's frames are the VAE's decode of its encoder's mean (what a model generating in
+  that latent space could at best produce), scored like any video; the CLI records the folder."""
+  import jax.numpy as jnp
+  from vcjax.loading import load_vae
+  world = WorldConfig()
+  clips = list(evaluate.ground_truth_videos(world, 2))
+  out = list(evaluate.through_vae(iter(clips), converted, batch=5))  # 16 frames: batches 5 + 5 + 5 + 1
+  vae = load_vae(converted)
+  x = clips[1]["frames"][:3].astype(np.float32) / 127.5 - 1.0
+  want = np.round((np.clip(np.asarray(vae.decode(vae.encode(jnp.asarray(x))[0])), -1, 1) + 1) * 127.5)
+  assert out[1]["frames"].shape == clips[1]["frames"].shape and out[1]["frames"].dtype == np.uint8
+  assert np.abs(out[1]["frames"][:3].astype(np.int32) - want.astype(np.int32)).max() <= 1  # float rounding
+  assert out[1]["prompt"] == clips[1]["prompt"] and not np.array_equal(out[1]["frames"], clips[1]["frames"])
+  result = evaluate.evaluate(iter(out), shipped, world)
+  assert result["num_videos"] == 2
+  p = subprocess.run([sys.executable, "-m", "vcjax.world.evaluate", "--model", converted, "--through-vae",
+                      converted], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert p.returncode == 2 and "--through-vae goes with --ground-truth" in p.stderr

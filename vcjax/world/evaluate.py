@@ -3,6 +3,7 @@
     python -m vcjax.world.evaluate --model DIR [--prompts FILE | --num-prompts 200 --split train] --seeds 0,1 \
         --out results.json [--steps 25 --guidance-scale 7.5 --batch 8 --save-videos DIR]
     python -m vcjax.world.evaluate --ground-truth --num-prompts 200 --out gt.json   # the world's own clips
+    python -m vcjax.world.evaluate --ground-truth --through-vae MODEL --out ceiling.json  # ... through a VAE
     python -m vcjax.world.evaluate --videos DIR [--prompts FILE] --out results.json  # existing mp4/gif files
 
 Each video `(F, H, W, 3)` uint8 goes through the probe (vcjax/world/probe.py; the shipped one unless
@@ -25,7 +26,9 @@ Each video `(F, H, W, 3)` uint8 goes through the probe (vcjax/world/probe.py; th
 Default prompts are world captions drawn deterministically from --split ("train": held-in combinations,
 "heldout": the 16 unseen ones) with their own random stream ("eval"), so they are neither the probe's training
 draws ("probe") nor the clips the world exports ("clip"). --ground-truth renders those captions' clips, one
-per prompt: the probe's validation (tests/test_world_metrics.py requires >= 0.95 on every accuracy).
+per prompt: the probe's validation (tests/test_world_metrics.py requires >= 0.95 on every accuracy); with
+--through-vae MODEL those clips are first encoded and decoded by MODEL's VAE: the ceiling of any model that
+generates in that latent space (a VAE that loses colours caps colour accuracy, whatever the UNet learns).
 --model samples len(prompts) x len(seeds) videos with vcjax.pipeline.VideoPipeline, `--batch` at a time.
 """
 
@@ -75,6 +78,20 @@ def ground_truth_videos(world: WorldConfig, n: int, split: str = "train") -> Ite
   for a in world_attributes(world, n, split):
     clip = clips.render(world, a)
     yield dict(prompt=clip.caption, seed=None, frames=clip.frames)
+
+
+def through_vae(videos: Iterable[dict], model: str, batch: int = 16) -> Iterator[dict]:
+  """Each video's frames encoded (posterior mean) and decoded by the VAE of the converted folder `model`:
+  scored, they are the ceiling that any model generating in that VAE's latent space can reach."""
+  import jax.numpy as jnp
+  from vcjax.loading import load_vae
+  from vcjax import compiler
+  vae = load_vae(model)
+  roundtrip = compiler.jit(lambda x: vae.decode(vae.encode(x)[0]))
+  for v in videos:
+    x = v["frames"].astype(np.float32) / 127.5 - 1.0  # (F, H, W, 3) in [-1, 1]
+    out = np.concatenate([np.asarray(roundtrip(jnp.asarray(x[i:i + batch]))) for i in range(0, len(x), batch)])
+    yield dict(v, frames=np.round((np.clip(out, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8))
 
 
 def generated_videos(model: str, prompts: Sequence[str], seeds: Sequence[int], *, steps: int, guidance_scale: float,
@@ -251,6 +268,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   src.add_argument("--model", help="a converted model folder (VideoPipeline.from_pretrained)")
   src.add_argument("--ground-truth", action="store_true", help="score the world's own clips of the prompts")
   src.add_argument("--videos", help="a folder of mp4/gif videos (prompts from sidecars or --prompts)")
+  ap.add_argument("--through-vae", metavar="MODEL",
+                  help="with --ground-truth: the clips round-tripped through this converted folder's VAE first")
   ap.add_argument("--prompts", help="prompts file (JSON list or one a line) instead of drawn captions")
   ap.add_argument("--num-prompts", type=int, default=200)
   ap.add_argument("--split", default="train", choices=("train", "heldout"))
@@ -279,7 +298,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.prompts:
       ap.error("--ground-truth renders drawn captions; --prompts is for --model / --videos")
     videos = ground_truth_videos(world, args.num_prompts, args.split)
+    if args.through_vae:
+      videos = through_vae(videos, args.through_vae)
   else:
+    if args.through_vae:
+      ap.error("--through-vae goes with --ground-truth")
     prompts = read_prompts(args.prompts) if args.prompts else world_prompts(world, args.num_prompts, args.split)
     videos = generated_videos(args.model, prompts, seeds, steps=args.steps, guidance_scale=args.guidance_scale,
                               num_frames=args.num_frames, height=args.height, width=args.width, batch=args.batch,
@@ -287,6 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   t = time.time()
   result = evaluate(videos, probe_model, world, errors, save_videos=args.save_videos)
   result.update(source=dict(model=args.model, videos=args.videos, ground_truth=args.ground_truth,
+                            through_vae=args.through_vae,
                             prompts=args.prompts, split=None if args.prompts or args.videos else args.split,
                             steps=args.steps if args.model else None,
                             guidance_scale=args.guidance_scale if args.model else None),
