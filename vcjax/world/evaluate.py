@@ -84,14 +84,15 @@ def through_vae(videos: Iterable[dict], model: str, batch: int = 16) -> Iterator
   """Each video's frames encoded (posterior mean) and decoded by the VAE of the converted folder `model`:
   scored, they are the ceiling that any model generating in that VAE's latent space can reach."""
   import jax.numpy as jnp
-  from vcjax.loading import load_vae
   from vcjax import compiler
+  from vcjax.loading import load_vae
+  from vcjax.pipeline import to_uint8
   vae = load_vae(model)
   roundtrip = compiler.jit(lambda x: vae.decode(vae.encode(x)[0]))
   for v in videos:
     x = v["frames"].astype(np.float32) / 127.5 - 1.0  # (F, H, W, 3) in [-1, 1]
     out = np.concatenate([np.asarray(roundtrip(jnp.asarray(x[i:i + batch]))) for i in range(0, len(x), batch)])
-    yield dict(v, frames=np.round((np.clip(out, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8))
+    yield dict(v, frames=to_uint8(out))
 
 
 def generated_videos(model: str, prompts: Sequence[str], seeds: Sequence[int], *, steps: int, guidance_scale: float,
