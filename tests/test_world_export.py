@@ -68,6 +68,23 @@ def test_girl_reference_is_another_render(data_dir):
     assert parse_caption(CFG, ref.caption)["shape"] == clip.attrs.shape
 
 
+def test_video_transform_carries_the_drawn_frames_subject_masks(data_dir, tokenizer):
+  """A with_tracks record's per-frame masks come out as subject_mask for exactly the frames drawn."""
+  out, _ = data_dir
+  record = loaders.data_source("vcjax_video_clips/world_t2v", out)[2]
+  transform = loaders.VideoReferenceTransform(tokenizer, num_frames=3, frame_stride=1)
+  got = transform(record, np.random.default_rng(5))
+  indices = np.asarray(record.get("frame_indices", np.arange(len(record["frames"]))))
+  positions = loaders.window_positions(indices, 3, np.random.default_rng(5), stride=1)
+  assert got["subject_mask"].shape == (3, 32, 32, 1) and got["subject_mask"].dtype == np.float32
+  np.testing.assert_array_equal(got["subject_mask"][..., 0], record["masks"][positions] > 127)
+  np.testing.assert_array_equal(got["pixels"], loaders.to_unit_range(record["frames"][positions]))
+  assert got["subject_mask"].sum() > 0
+  record = dict(record)
+  del record["masks"]  # datasets without tracks (a clip folder's) give no subject_mask
+  assert "subject_mask" not in transform(record, np.random.default_rng(5))
+
+
 def test_videomaker_loader_reads_world(data_dir, tokenizer):
   out, _ = data_dir
   kw = dict(dataset="vcjax_video_clips/world_girl", shard=grain.sharding.NoSharding(), num_threads=1)

@@ -19,6 +19,7 @@ from configs.train_common import t2v_config, vae_config
 from vcjax.models.tokenizer import load_tokenizer, tokenize
 from vcjax.parallel import make_mesh
 from vcjax.train.loop import run
+from vcjax.train.models import TrainModel
 from vcjax.train.objectives.text_to_video import TextToVideoTask, t2v_trainable
 from vcjax.train.objectives.vae import VAETask, kl_divergence
 from vcjax.train.state import OptimizerConfig, Trainer
@@ -82,6 +83,31 @@ def test_kl_divergence_closed_form():
   logvar = jnp.asarray([[0.0, 0.0], [np.log(4.0), np.log(0.25)]])
   want = 0.5 * np.array([0 + 1 - 1 - 0 + 1 + 1 - 1 - 0, 4 + 4 - 1 - np.log(4) + 1 + 0.25 - 1 - np.log(0.25)])
   np.testing.assert_allclose(np.asarray(kl_divergence(mean, logvar)), want, rtol=1e-6)
+
+
+def test_vae_subject_term_is_the_l1_over_subject_pixels():
+  """subject_weight adds the L1 averaged over the mask's pixels (and channels) alone; without a mask it
+  must not be asked for."""
+  cfg = vae_config()
+  cfg.vae = ml_collections.ConfigDict(TINY_VAE)
+  cfg.subject_weight = 2.5
+  task = VAETask.from_config(cfg)
+  vae = task.build(cfg, rngs=nnx.Rngs(0)).model.vae
+  frames = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (3, 16, 12, 3)), jnp.float32)
+  mask = np.zeros((3, 16, 12, 1), np.float32)
+  mask[0, 2:9, 3:7] = 1.0
+  mask[2, 10:, :5] = 1.0  # frame 1 has no subject
+  key = jax.random.PRNGKey(1)
+  total, aux = task.objective(TrainModel(vae=vae), frames, key, jnp.asarray(mask))
+  recon = np.asarray(vae.decode(vae.sample(*vae.encode(frames), key)), np.float64)
+  err = np.abs(recon - np.asarray(frames, np.float64))
+  want_subject = (err * mask).sum() / (mask.sum() * 3)
+  np.testing.assert_allclose(float(aux["loss_l1_subject"]), want_subject, rtol=1e-5)
+  np.testing.assert_allclose(float(aux["loss_l1"]), err.mean(), rtol=1e-5)
+  np.testing.assert_allclose(float(total), err.mean() + 2.5 * want_subject + cfg.kl_weight * float(aux["kl"]),
+                             rtol=1e-5)
+  with pytest.raises(ValueError, match="subject_mask"):
+    task.objective(TrainModel(vae=vae), frames, key)
 
 
 def _tiny_vae_cfg(tokenizer: str, data: str):

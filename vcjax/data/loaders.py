@@ -9,7 +9,8 @@ Batches (numpy dicts):
   "videomaker" (video clips + SHP reference, METHODS.md §3)
     pixels (B, F, H, W, 3) float32 [-1, 1]; mask (B, F, H, W, 1) float32 (ones); input_ids (B, T) int32 (T: the tokenizer's model_max_length);
     caption (B,) str; reference (B, H, W, 3) float32 [-1, 1] (SHP output, white background, letterboxed to
-    (H, W) if not square).
+    (H, W) if not square); subject_mask (B, F, H, W, 1) float32 0/1, the frames' own subject masks, only
+    when the dataset stores them (with_tracks, e.g. the procedural world's export).
 Drop the "caption" strings before putting a batch on devices.
 
 Order: records are shuffled globally with `seed` (a new permutation every epoch, identical on every
@@ -143,18 +144,24 @@ class VideoReferenceTransform:
 
   def __call__(self, record: dict, rng: np.random.Generator) -> dict:
     frames = record["frames"]
+    tracks = record.get("masks")  # (T, H, W) uint8 per-frame subject masks, with_tracks datasets only
     if self.num_frames is not None:
       indices = record.get("frame_indices")
       indices = np.arange(len(frames)) if indices is None else np.asarray(indices)
-      frames = frames[window_positions(indices, self.num_frames, rng, sampling=self.sampling,
-                                       stride=self.frame_stride, window=self.window)]
+      positions = window_positions(indices, self.num_frames, rng, sampling=self.sampling,
+                                   stride=self.frame_stride, window=self.window)
+      frames = frames[positions]
+      tracks = None if tracks is None else tracks[positions]
     f, h, w, _ = frames.shape
     image, mask, box = _draw_reference(record, rng)
     ref, _ = subject_highlight(image, mask, rng, min(h, w), self.shp, valid_box=box)
     caption = captions.pick_line(rng, captions.decode_text(record["caption"]))
-    return {"pixels": to_unit_range(frames), "mask": np.ones((f, h, w, 1), np.float32),
-            "input_ids": _ids(self.tokenizer, caption, self.max_length), "caption": np.asarray(caption),
-            "reference": to_unit_range(letterbox(ref, (h, w)))}
+    out = {"pixels": to_unit_range(frames), "mask": np.ones((f, h, w, 1), np.float32),
+           "input_ids": _ids(self.tokenizer, caption, self.max_length), "caption": np.asarray(caption),
+           "reference": to_unit_range(letterbox(ref, (h, w)))}
+    if tracks is not None:
+      out["subject_mask"] = (np.asarray(tracks) > 127).astype(np.float32)[..., None]
+    return out
 
 
 def _draw_reference(record: dict, rng: np.random.Generator):

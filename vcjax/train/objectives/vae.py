@@ -1,14 +1,20 @@
 """The VAE objective: task "vae" of train.py (an AutoencoderKL trained from scratch or further).
 
 Loss per frame: mean |x - decode(z)| (L1; sharper edges than L2 on the world's flat-coloured sprites) +
-`l2_weight` x mean squared error + `kl_weight` x KL(q(z|x) || N(0, I)) summed over latent elements and
-averaged over frames (LDM's KL-regularised autoencoder without its perceptual / GAN terms: no pretrained
+`l2_weight` x mean squared error + `subject_weight` x the L1 over the subject's pixels only (the batch's
+`subject_mask`, which the world's export stores) + `kl_weight` x KL(q(z|x) || N(0, I)) summed over latent
+elements and averaged over frames (LDM's KL-regularised autoencoder without its perceptual / GAN terms: no pretrained
 LPIPS network can be had here, and a 64x64 world does not need one). z is a posterior sample.
 
 Batches are video clips (pixels `(B, F, H, W, 3)`); each step trains on `frames_per_clip` frames of each
 clip drawn at random (frames of one clip are near-duplicates). At export the latent scaling factor is set
 to 1 / std of the posterior means of a few batches (as SD's 0.18215 was chosen), so the UNet sees
 unit-variance latents.
+
+Why a subject term: the world's sprite covers about a tenth of a frame, so a plain L1 is spent on the
+backgrounds' textures and the sprite comes back with the wrong hue (measured: colour read back correctly in
+58% of clips after 5248 steps). Averaging the error over the subject's pixels alone gives the sprite the
+same weight as the whole frame, whatever its size.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from vcjax.train.task import Built, Task
 class VAEHParams:
   kl_weight: float = 1e-6
   l2_weight: float = 0.0
+  subject_weight: float = 0.0
   frames_per_clip: int = 2
 
 
@@ -52,8 +59,8 @@ class VAETask(Task):
     tokenizer = load_tokenizer(cfg.tokenizer) if cfg.get("tokenizer") else None
     return Built(TrainModel(vae=vae), nnx.Param, tokenizer, {"vae_parameters": count_params(nnx.state(vae, nnx.Param))})
 
-  def objective(self, model, frames, key):
-    """frames `(N, H, W, 3)` in [-1, 1] -> (loss, aux)."""
+  def objective(self, model, frames, key, subject_mask=None):
+    """frames `(N, H, W, 3)` in [-1, 1], subject_mask `(N, H, W, 1)` 0/1 or None -> (loss, aux)."""
     vae = model.vae
     mean, logvar = vae.encode(frames)
     z = vae.sample(mean, logvar, key)
@@ -63,7 +70,16 @@ class VAETask(Task):
     l2 = jnp.square(err).mean()
     kl = kl_divergence(mean, logvar).mean()
     total = l1 + self.hp.l2_weight * l2 + self.hp.kl_weight * kl
-    return total, {"loss_l1": l1, "loss_l2": l2, "kl": kl, "latent_std": jnp.std(mean.astype(jnp.float32))}
+    aux = {"loss_l1": l1, "loss_l2": l2, "kl": kl, "latent_std": jnp.std(mean.astype(jnp.float32))}
+    if subject_mask is not None:
+      m = subject_mask.astype(jnp.float32)
+      # Per-pixel error summed over channels / 3, averaged over subject pixels (a frame without one adds 0).
+      l1_subject = (jnp.abs(err) * m).sum() / jnp.maximum(m.sum() * err.shape[-1], 1.0)
+      total = total + self.hp.subject_weight * l1_subject
+      aux["loss_l1_subject"] = l1_subject
+    elif self.hp.subject_weight:
+      raise ValueError("subject_weight needs batches with a subject_mask (a with_tracks dataset, e.g. the world)")
+    return total, aux
 
   def loss(self, model, batch, key):
     k_frames, k_z = jax.random.split(key)
@@ -72,7 +88,10 @@ class VAETask(Task):
     k = min(self.hp.frames_per_clip, f)
     idx = jax.random.permutation(k_frames, f)[:k]
     frames = jnp.take(pixels, idx, axis=1).reshape(b * k, *pixels.shape[2:])
-    return self.objective(model, frames, k_z)
+    masks = batch.get("subject_mask")
+    if masks is not None:
+      masks = jnp.take(masks, idx, axis=1).reshape(b * k, *masks.shape[2:])
+    return self.objective(model, frames, k_z, masks)
 
   def data(self, cfg, tokenizer, *, batch_size: int, seed: int):
     """World (or any) video clips from a prepared folder (`python -m vcjax.world.export --kind t2v`);
