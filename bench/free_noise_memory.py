@@ -6,7 +6,9 @@
 For each frame count it compiles (does not run) the UNet call through `vcjax.compiler.jit` and prints XLA's
 buffer plan (`compiled.memory_analysis()`: temp + output bytes, the peak the executable allocates beyond
 its arguments), for
-  * the whole UNet with FreeNoise (context_length / stride windows in every motion module),
+  * the whole UNet with FreeNoise (context_length / stride windows in every motion module: scope "motion",
+    diffusers'),
+  * the whole UNet run on each window (FreeNoise scope "unet", vcjax/diffusion/context_windows.py),
   * the whole UNet with full temporal attention over every frame (a model whose positional encoding covers
     the video: what sampling without FreeNoise would need),
   * one motion module alone (the first down block's), both ways: the part FreeNoise changes.
@@ -43,12 +45,18 @@ def main(argv=None) -> int:
 
   from vcjax import compiler
   from vcjax.models.configs import tiny_unet
+  from vcjax.diffusion.context_windows import windowed_eps
   from vcjax.models.free_noise import FreeNoiseConfig, set_free_noise
   from vcjax.models.unet3d import UNet3D
 
   @compiler.jit(static_argnums=(0,))
   def unet_call(graphdef, state, x, t, ctx):
     return nnx.merge(graphdef, state)(x, t, ctx)
+
+  @compiler.jit(static_argnums=(0,))
+  def windowed_unet_call(graphdef, state, x, t, ctx):
+    unet = nnx.merge(graphdef, state)
+    return windowed_eps(lambda xs, c: unet(xs, t, c), x, ctx, free)
 
   @compiler.jit(static_argnums=(0,))
   def motion_call(graphdef, state, x):
@@ -59,8 +67,8 @@ def main(argv=None) -> int:
   print(f"tiny UNet3D, CFG batch 2, {args.latent}x{args.latent} latents, FreeNoise context_length "
         f"{args.context_length} stride {args.stride}, attention {args.attention}; XLA buffer plan (temp + "
         f"output), MiB")
-  print(f"{'frames':>6} | {'UNet FreeNoise':>14} | {'UNet full attn':>14} | {'motion FreeNoise':>16} | "
-        f"{'motion full attn':>16}")
+  print(f"{'frames':>6} | {'UNet FreeNoise':>14} | {'UNet per window':>15} | {'UNet full attn':>14} | "
+        f"{'motion FreeNoise':>16} | {'motion full attn':>16}")
   for f in args.frames:
     out = []
     for use_free in (True, False):
@@ -78,10 +86,13 @@ def main(argv=None) -> int:
       c = cfg.block_out_channels[0]
       motion = plan_bytes(motion_call, mdef, mstate, jax.ShapeDtypeStruct((2, f, args.latent, args.latent, c),
                                                                           jnp.float32))
+      if not use_free:
+        windowed = plan_bytes(windowed_unet_call, graphdef, state, x, t, ctx)
       out.append((whole, motion))
     mib = lambda b: b / 2 ** 20
     (uf, mf), (ua, ma) = out
-    print(f"{f:>6} | {mib(uf):>14.2f} | {mib(ua):>14.2f} | {mib(mf):>16.2f} | {mib(ma):>16.2f}", flush=True)
+    print(f"{f:>6} | {mib(uf):>14.2f} | {mib(windowed):>15.2f} | {mib(ua):>14.2f} | {mib(mf):>16.2f} | "
+          f"{mib(ma):>16.2f}", flush=True)
   return 0
 
 

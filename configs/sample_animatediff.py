@@ -70,10 +70,12 @@ def get_config() -> ml_collections.ConfigDict:
                                                temporal_stop_frequency=0.25))
   c.init_video = ""  # video-to-video: an .mp4 / .gif / frames folder, its first num_frames resized to height x width
   c.strength = 0.8  # how far the input video is noised: the last int(steps * strength) steps run (diffusers')
-  # Long videos (README "Long videos and prompt travel"): FreeNoise's sliding windows in the motion
-  # modules, diffusers' enable_free_noise defaults; context_length 0 = the motion module's length.
+  # Long videos (README "Long videos and prompt travel"): FreeNoise's sliding windows, diffusers'
+  # enable_free_noise defaults; context_length 0 = the motion module's length. scope "motion": windows in the
+  # motion modules (diffusers'); "unet": the whole UNet per window (memory bounded by the window).
   c.free_noise = ml_collections.ConfigDict(dict(enabled=False, context_length=16, context_stride=4,
-                                                weighting_scheme="pyramid", noise_type="shuffle_context"))
+                                                weighting_scheme="pyramid", noise_type="shuffle_context",
+                                                scope="motion"))
   # Prompt travel: frame -> prompt, '{"0": "a cat", "16": "a dog"}' or "0:a cat|16:a dog" (replaces prompt).
   c.prompts = ""
   return c

@@ -273,7 +273,7 @@ def test_cli_64_frames_from_a_32_frame_motion_module(converted, tmp_path):
   with open(tmp_path / "v.json") as f:
     sidecar = json.load(f)
   assert sidecar["config"]["free_noise"] == dict(enabled=True, context_length=16, context_stride=4,
-                                                 weighting_scheme="pyramid", noise_type="shuffle_context")
+                                                 weighting_scheme="pyramid", noise_type="shuffle_context", scope="motion")
   assert sidecar["config"]["prompts"] == "0:a cat|40:a dog" and sidecar["prompt"] == "a cat | a dog"
   assert sidecar["frame_prompts"] == {"0": "a cat", "40": "a dog"}
 

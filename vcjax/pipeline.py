@@ -27,6 +27,9 @@ from vcjax.diffusion.schedulers import SchedulerConfig, make_scheduler
 from vcjax.models.free_noise import with_extra_frames
 
 
+FREE_NOISE_SCOPES = ("motion", "unet")
+
+
 @dataclasses.dataclass
 class VideoOutput:
   latents: np.ndarray  # (B, F, h, w, 4) final latents (before the VAE scaling is undone)
@@ -55,6 +58,8 @@ class VideoPipeline:
     self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
     self.scheduler_config = dict(scheduler_config) if scheduler_config is not None else None
     self.added_tokens: dict[str, str] = {}  # token -> the file its embedding came from (load_textual_inversion)
+    # FreeNoise with scope "unet" (diffusion/context_windows.py): the UNet runs on frame windows; None: off.
+    self.context_windows = None
 
   @classmethod
   def from_pretrained(cls, folder: str, *, dtype=None, attention=None) -> "VideoPipeline":
@@ -88,22 +93,36 @@ class VideoPipeline:
   @property
   def max_frames(self) -> int | None:
     """The longest video the motion modules take: their positional-encoding length; None (any) with FreeNoise."""
-    return None if self.unet.config.free_noise is not None else self.unet.config.motion_max_seq_length
+    return None if self.free_noise is not None else self.unet.config.motion_max_seq_length
+
+  @property
+  def free_noise(self):
+    """The FreeNoiseConfig in use (either scope), or None."""
+    return self.unet.config.free_noise if self.unet.config.free_noise is not None else self.context_windows
 
   def enable_free_noise(self, context_length: int | None = 16, context_stride: int = 4,
-                        weighting_scheme: str = "pyramid", noise_type: str = "shuffle_context") -> None:
+                        weighting_scheme: str = "pyramid", noise_type: str = "shuffle_context",
+                        scope: str = "motion") -> None:
     """Long videos with FreeNoise, as diffusers' `enable_free_noise` (same arguments and defaults; None
-    context_length: the motion module's length). In place; keeps LoRA and attention variants."""
+    context_length: the motion module's length). In place; keeps LoRA and attention variants.
+
+    scope: "motion" (diffusers': windows in every motion module's attention) or "unet" (the whole UNet on
+    each window, `diffusion/context_windows.py`: memory bounded by the window, not equal to diffusers)."""
     from vcjax.models.free_noise import FreeNoiseConfig, set_free_noise
+    if scope not in FREE_NOISE_SCOPES:
+      raise ValueError(f"free_noise.scope must be one of {FREE_NOISE_SCOPES}, got {scope!r}")
     length = context_length or self.unet.config.motion_max_seq_length
     if length > self.unet.config.motion_max_seq_length:
       raise ValueError(f"free_noise.context_length {length} exceeds the motion module's positional-encoding "
                        f"length {self.unet.config.motion_max_seq_length}")
-    set_free_noise(self.unet, FreeNoiseConfig(length, context_stride, weighting_scheme, noise_type))
+    config = FreeNoiseConfig(length, context_stride, weighting_scheme, noise_type)
+    set_free_noise(self.unet, config if scope == "motion" else None)
+    self.context_windows = config if scope == "unet" else None
 
   def disable_free_noise(self) -> None:
     from vcjax.models.free_noise import set_free_noise
     set_free_noise(self.unet, None)
+    self.context_windows = None
 
   def encode_prompts(self, prompts: Sequence[str]) -> jax.Array:
     """`(B, T, D)` CLIP last hidden states, T the tokenizer's length (`model_max_length`)."""
@@ -182,8 +201,8 @@ class VideoPipeline:
     uncond = long_video.per_frame(self.encode_prompts(negatives), cond)
     init_keys, ref_keys, noise_keys = video_keys(seeds)
     shape = (num_frames, height // f, width // f, self.unet.config.in_channels)
-    if self.unet.config.free_noise is not None:  # FreeNoise's noise types
-      init_noise = long_video.initial_noise(init_keys, shape, self.unet.config.free_noise, init_noise)
+    if self.free_noise is not None:  # FreeNoise's noise types
+      init_noise = long_video.initial_noise(init_keys, shape, self.free_noise, init_noise)
     elif init_noise is None:
       init_noise = jax.vmap(lambda k: jax.random.normal(k, shape))(init_keys)
     noise = jnp.asarray(init_noise, jnp.float32)
@@ -208,7 +227,7 @@ class VideoPipeline:
                          reference=None if reference is None else shard(reference),
                          lora_scales=None if lora_scales is None else jnp.asarray(lora_scales, jnp.float32),
                          noise_keys=shard(keys), skip_steps=skip, progress=progress,
-                         reference_noise=reference_noise)
+                         reference_noise=reference_noise, windows=self.context_windows)
 
     if init_video is not None or free_init is not None:  # diffusion/video_to_video.py, diffusion/free_init.py
       from vcjax.diffusion.video_to_video import sample_variants

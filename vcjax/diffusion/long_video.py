@@ -181,11 +181,11 @@ def with_reference_frame(context):
 
 def enable_from_settings(pipe, settings: Mapping | None) -> None:
   """sample.py's `config.free_noise` (enabled, context_length (0: the motion module's), context_stride,
-  weighting_scheme, noise_type) onto a VideoPipeline; nothing when absent or not enabled."""
+  weighting_scheme, noise_type, scope) onto a VideoPipeline; nothing when absent or not enabled."""
   settings = dict(settings or {})
   if not settings.pop("enabled", False):
     return
-  unknown = sorted(set(settings) - {"context_length", "context_stride", "weighting_scheme", "noise_type"})
+  unknown = sorted(set(settings) - {"context_length", "context_stride", "weighting_scheme", "noise_type", "scope"})
   if unknown:
     raise ValueError(f"unknown free_noise setting(s) {unknown}")
   settings["context_length"] = settings.get("context_length") or None
