@@ -91,7 +91,8 @@ def vae_config() -> ml_collections.ConfigDict:
                                          latent_channels=4))
   c.kl_weight = 1e-6
   c.l2_weight = 0.0
-  c.subject_weight = 0.0  # + this x the L1 over subject pixels (needs batches with subject_mask)
+  c.subject_weight = 0.0  # + this x the L1 over subject pixels (needs batches with subject_mask) ...
+  c.subject_dilation = 3  # ... and this many pixels around them
   c.frames_per_clip = 2
   c.optimizer.update(learning_rate=1e-3, weight_decay=0.0, grad_clip=1.0, warmup_steps=100)
   c.data.update(dict(shp="object", frame_stride=1, sampling="stride", window=64))

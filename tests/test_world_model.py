@@ -86,22 +86,25 @@ def test_kl_divergence_closed_form():
 
 
 def test_vae_subject_term_is_the_l1_over_subject_pixels():
-  """subject_weight adds the L1 averaged over the mask's pixels (and channels) alone; without a mask it
-  must not be asked for."""
+  """subject_weight adds the L1 averaged over the mask's pixels (and channels), the mask dilated by
+  subject_dilation pixels; without a mask it must not be asked for."""
   cfg = vae_config()
   cfg.vae = ml_collections.ConfigDict(TINY_VAE)
-  cfg.subject_weight = 2.5
+  cfg.subject_weight, cfg.subject_dilation = 2.5, 1
   task = VAETask.from_config(cfg)
   vae = task.build(cfg, rngs=nnx.Rngs(0)).model.vae
   frames = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (3, 16, 12, 3)), jnp.float32)
   mask = np.zeros((3, 16, 12, 1), np.float32)
   mask[0, 2:9, 3:7] = 1.0
   mask[2, 10:, :5] = 1.0  # frame 1 has no subject
+  grown = np.zeros_like(mask)  # dilated by 1 pixel, clipped at the border
+  grown[0, 1:10, 2:8] = 1.0
+  grown[2, 9:, :6] = 1.0
   key = jax.random.PRNGKey(1)
   total, aux = task.objective(TrainModel(vae=vae), frames, key, jnp.asarray(mask))
   recon = np.asarray(vae.decode(vae.sample(*vae.encode(frames), key)), np.float64)
   err = np.abs(recon - np.asarray(frames, np.float64))
-  want_subject = (err * mask).sum() / (mask.sum() * 3)
+  want_subject = (err * grown).sum() / (grown.sum() * 3)
   np.testing.assert_allclose(float(aux["loss_l1_subject"]), want_subject, rtol=1e-5)
   np.testing.assert_allclose(float(aux["loss_l1"]), err.mean(), rtol=1e-5)
   np.testing.assert_allclose(float(total), err.mean() + 2.5 * want_subject + cfg.kl_weight * float(aux["kl"]),

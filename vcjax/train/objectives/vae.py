@@ -1,8 +1,8 @@
 """The VAE objective: task "vae" of train.py (an AutoencoderKL trained from scratch or further).
 
 Loss per frame: mean |x - decode(z)| (L1; sharper edges than L2 on the world's flat-coloured sprites) +
-`l2_weight` x mean squared error + `subject_weight` x the L1 over the subject's pixels only (the batch's
-`subject_mask`, which the world's export stores) + `kl_weight` x KL(q(z|x) || N(0, I)) summed over latent
+`l2_weight` x mean squared error + `subject_weight` x the L1 over the subject's pixels and a band of
+`subject_dilation` pixels around it (the batch's `subject_mask`, which the world's export stores, dilated) + `kl_weight` x KL(q(z|x) || N(0, I)) summed over latent
 elements and averaged over frames (LDM's KL-regularised autoencoder without its perceptual / GAN terms: no pretrained
 LPIPS network can be had here, and a 64x64 world does not need one). z is a posterior sample.
 
@@ -14,7 +14,9 @@ unit-variance latents.
 Why a subject term: the world's sprite covers about a tenth of a frame, so a plain L1 is spent on the
 backgrounds' textures and the sprite comes back with the wrong hue (measured: colour read back correctly in
 58% of clips after 5248 steps). Averaging the error over the subject's pixels alone gives the sprite the
-same weight as the whole frame, whatever its size.
+same weight as the whole frame, whatever its size. The band around it matters as much: over the mask alone,
+a sprite that bleeds its colour into a halo costs only the plain L1, and the decoder learnt exactly that
+(measured: colour read back 0.90, but shapes rounded and bloated, shape 0.54).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class VAEHParams:
   kl_weight: float = 1e-6
   l2_weight: float = 0.0
   subject_weight: float = 0.0
+  subject_dilation: int = 3
   frames_per_clip: int = 2
 
 
@@ -48,6 +51,14 @@ def kl_divergence(mean, logvar):
   mean, logvar = mean.astype(jnp.float32), logvar.astype(jnp.float32)
   kl = 0.5 * (jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
   return kl.reshape(kl.shape[0], -1).sum(-1)
+
+
+def dilate(mask, pixels: int):
+  """`(N, H, W, 1)` 0/1 mask grown by `pixels` in every direction (a (2p+1)^2 max filter)."""
+  if pixels <= 0:
+    return mask
+  k = 2 * pixels + 1
+  return jax.lax.reduce_window(mask, -jnp.inf, jax.lax.max, (1, k, k, 1), (1, 1, 1, 1), "SAME")
 
 
 class VAETask(Task):
@@ -72,8 +83,8 @@ class VAETask(Task):
     total = l1 + self.hp.l2_weight * l2 + self.hp.kl_weight * kl
     aux = {"loss_l1": l1, "loss_l2": l2, "kl": kl, "latent_std": jnp.std(mean.astype(jnp.float32))}
     if subject_mask is not None:
-      m = subject_mask.astype(jnp.float32)
-      # Per-pixel error summed over channels / 3, averaged over subject pixels (a frame without one adds 0).
+      m = dilate(subject_mask.astype(jnp.float32), self.hp.subject_dilation)
+      # Per-pixel error averaged over channels and over the (dilated) subject's pixels; a frame without one adds 0.
       l1_subject = (jnp.abs(err) * m).sum() / jnp.maximum(m.sum() * err.shape[-1], 1.0)
       total = total + self.hp.subject_weight * l1_subject
       aux["loss_l1_subject"] = l1_subject
