@@ -69,9 +69,8 @@ def test_ground_truth_attributes_read_back(ground_truth, attribute):
   assert m[f"{attribute}_accuracy"] >= 0.95, (attribute, m)
 
 
-# The shipped probe (16 min of CPU training) reads shape right on ~0.87 of ground-truth clips, mostly
-# mistaking circles and hexagons for each other; the target is 0.95. strict: passing means it is fixed.
-@pytest.mark.xfail(strict=True, reason="shipped probe's shape accuracy ~0.87 < 0.95 (circle/hexagon)")
+# The shipped probe reads shape right on 0.95 of these 100 clips (0.955 of 200); an earlier one, trained for
+# 2900 rather than 7400 steps, on 0.87, mistaking circles for hexagons.
 def test_ground_truth_shape_read_back(ground_truth):
   assert ground_truth["metrics"]["shape_accuracy"] >= 0.95, ground_truth["metrics"]
 
@@ -101,9 +100,7 @@ def test_dynamic_degree_separates_still_and_moving(ground_truth):
 
 def test_heldout_combinations_read_back(world, shipped):
   result = evaluate.evaluate(evaluate.ground_truth_videos(world, 32, "heldout"), shipped, world)
-  for k in ACCURACIES:
-    if k == "shape":  # see test_ground_truth_shape_read_back
-      continue
+  for k in ACCURACIES:  # shape: 0.906 (29 of 32) with the shipped probe
     assert result["metrics"][f"{k}_accuracy"] >= 0.9, (k, result["metrics"])
 
 
