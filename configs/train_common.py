@@ -107,6 +107,7 @@ def t2v_config() -> ml_collections.ConfigDict:
   c.tokenizer = ""  # "" = config.model's tokenizer/
   c.unet = ml_collections.ConfigDict()  # an architecture (UNet3DConfig fields): from scratch; empty: config.model's
   c.text_encoder = ml_collections.ConfigDict()  # likewise (CLIPTextConfig fields; vocab_size from the tokenizer)
+  c.vae_model = ""  # a converted folder whose VAE replaces config.model's ("": config.model's), e.g. a better VAE
   c.train_spatial = True
   c.train_motion = True
   c.train_text_encoder = False

@@ -11,7 +11,7 @@ Continuing from a converted folder instead (the UNet and text encoder of config.
 e.g. the snapshot a working day ended with, see models/snapshots/README.md):
 
     python train.py --config configs/world_t2v.py:continue --workdir runs/world_t2v_b \
-        --config.model=SNAPSHOT --config.num_steps=STEPS_LEFT
+        --config.model=SNAPSHOT --config.num_steps=STEPS_LEFT [--config.vae_model=NEWER_VAE_FOLDER]
 """
 
 import ml_collections

@@ -194,6 +194,28 @@ def vae_model(world_tokenizer, world_data, tmp_path_factory):
 
 
 @pytest.mark.slow  # > 15 s on 2 CPU cores
+def test_t2v_vae_model_replaces_the_base_vae(vae_model, world_data, tmp_path):
+  """config.vae_model: stage 2 trains over (and exports) another folder's VAE, config.model's UNet and the rest."""
+  from vcjax.train.objectives.common import fresh_or_loaded, write_converted
+  other_cfg = vae_config()
+  other_cfg.vae = ml_collections.ConfigDict(TINY_VAE)
+  other = fresh_or_loaded(other_cfg, "vae", rngs=nnx.Rngs(7))
+  write_converted(str(tmp_path / "other"), {"vae": other})
+  cfg = _tiny_t2v_cfg(vae_model, world_data)
+  cfg.vae_model = str(tmp_path / "other")
+  task = TextToVideoTask.from_config(cfg)
+  built = task.build(cfg, rngs=nnx.Rngs(0))
+  want = safetensors.numpy.load_file(str(tmp_path / "other" / "vae.safetensors"))
+  base = safetensors.numpy.load_file(os.path.join(vae_model, "vae.safetensors"))
+  task.export(built.model, str(tmp_path / "out"), {}, cfg)
+  got = safetensors.numpy.load_file(str(tmp_path / "out" / "model" / "vae.safetensors"))
+  assert want.keys() == got.keys() and all(np.array_equal(want[k], got[k]) for k in want)
+  assert any(not np.array_equal(want[k], base[k]) for k in want)  # not the base's VAE
+  flat = dict(nnx.to_flat_state(nnx.state(built.model.vae, nnx.Param)))
+  assert len(flat) == len(want)
+
+
+@pytest.mark.slow  # > 15 s on 2 CPU cores
 def test_t2v_trainable_selection(vae_model, world_data):
   cfg = _tiny_t2v_cfg(vae_model, world_data)
   built = TextToVideoTask.from_config(cfg).build(cfg, rngs=nnx.Rngs(0))

@@ -84,7 +84,7 @@ class TextToVideoTask(Task):
       text_arch.setdefault("eos_token_id", tokenizer.eos_token_id)
     unet = fresh_or_loaded(cfg, "unet", rngs=rngs, compute_dtype=cfg.dtype)
     text_encoder = fresh_or_loaded(cfg, "text_encoder", rngs=rngs, arch=text_arch)
-    vae = load_component(cfg.model, "vae", cfg.dtype)
+    vae = load_component(cfg.get("vae_model") or cfg.model, "vae", cfg.dtype)
     attention = cfg.get("attention", "auto")
     unet = reconfigure(unet, attention=attention, remat=cfg.get("remat", False))
     text_encoder = reconfigure(text_encoder, attention=attention)
@@ -134,7 +134,11 @@ class TextToVideoTask(Task):
 
   def export(self, model, out: str, info: dict, cfg) -> None:
     """out/model: a converted folder (UNet, text encoder, the VAE and tokenizer of config.model, the
-    training betas as a DDIM scheduler config) that VideoPipeline.from_pretrained / sample.py read."""
-    write_converted(os.path.join(out, "model"), {"unet": model.unet, "text_encoder": model.text_encoder},
+    training betas as a DDIM scheduler config) that VideoPipeline.from_pretrained / sample.py read. With
+    config.vae_model, the VAE trained on is written in place of config.model's."""
+    modules = {"unet": model.unet, "text_encoder": model.text_encoder}
+    if cfg.get("vae_model"):
+      modules["vae"] = model.vae
+    write_converted(os.path.join(out, "model"), modules,
                     tokenizer_dir=cfg.get("tokenizer") or None, base=cfg.model,
                     scheduler=scheduler_json(self.hp.scheduler), info={"trained_by": "train.py task t2v"})
