@@ -57,6 +57,27 @@ def test_flow_matches_torch_statement(models, h, w, iters):
   assert np.abs(got - want).max() < 1e-4 * max(1.0, np.abs(want).max())
 
 
+def test_original_state_dict_is_the_checkpoint(models):
+  """vcjax -> the original's names and layouts (what vcjax.world.flow saves) gives back the checkpoint."""
+  ref, model, _ = models
+  want = {k: v.numpy() for k, v in ref.state_dict().items() if not k.endswith("num_batches_tracked")}
+  got = raft_lib.original_state_dict(model)
+  assert sorted(got) == sorted(want)
+  for key, value in want.items():
+    np.testing.assert_array_equal(got[key], value, err_msg=key)
+
+
+def test_all_iterations_ends_with_the_plain_flow(models):
+  from flax import nnx
+  _, model, _ = models
+  a, b = (jnp.asarray(x) for x in frames(np.random.default_rng(5), 1, 128, 128))
+  run = compiler.jit(lambda g, s, a, b: nnx.merge(g, s)(a, b, iters=3, all_iterations=True), static_argnums=0)
+  every = np.asarray(run(*nnx.split(model), a, b))
+  assert every.shape == (3, 1, 128, 128, 2)
+  np.testing.assert_allclose(every[-1], np.asarray(vcjax_flow(*nnx.split(model), (a, b), 3)), atol=1e-5)
+  assert np.abs(every[0] - every[-1]).max() > 1e-3
+
+
 def test_pieces_match_torch(models):
   """The correlation pyramid, window lookup and convex upsampling on their own."""
   ref, _, _ = models

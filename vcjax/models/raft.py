@@ -59,6 +59,26 @@ def raft_state_dict(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
   return out
 
 
+def original_state_dict(model: "RAFT") -> dict[str, np.ndarray]:
+  """The inverse of raft_state_dict: a vcjax RAFT's parameters under the original checkpoint's names and
+  PyTorch layouts (OIHW kernels, batch norm `weight`; a batch-norm `norm3` also as `downsample.1`), without
+  DataParallel's `module.` prefix. No `num_batches_tracked` (eval never reads it)."""
+  out = {}
+  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    value = np.asarray(var.get_value())
+    *module, name = (str(p) for p in path)
+    if name == "kernel":
+      value, name = value.transpose(3, 2, 0, 1), "weight"
+    elif name == "scale":
+      name = "weight"
+    key = re.sub(r"^update_block\.mask([12])\.", lambda m: f"update_block.mask.{2 * int(m[1]) - 2}.",
+                 ".".join(module + [name]))
+    out[key] = value
+    if ".norm3." in key:  # a norm3 with parameters is a batch norm, stored twice by the original
+      out[key.replace(".norm3.", ".downsample.1.")] = value
+  return out
+
+
 def coords_grid(b: int, h: int, w: int):
   """`(B, h, w, 2)` pixel coordinates, (x, y) order."""
   ys, xs = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32), indexing="ij")
@@ -148,7 +168,9 @@ class RAFT(nnx.Module):
     self.cnet = BasicEncoder(config.hidden_dim + config.context_dim, "batch", rngs=rngs)
     self.update_block = BasicUpdateBlock(corr_planes, config.hidden_dim, rngs=rngs)
 
-  def __call__(self, image1, image2, *, iters: int = 20):
+  def __call__(self, image1, image2, *, iters: int = 20, all_iterations: bool = False):
+    """all_iterations: return every iteration's upsampled flow `(iters, B, H, W, 2)` (what RAFT's sequence
+    loss trains on) instead of the last one's."""
     cfg = self.config
     if image1.shape[1] % 8 or image1.shape[2] % 8:
       raise ValueError(f"RAFT input must be a multiple of 8 pixels per side, got {image1.shape[1:3]}; "
@@ -170,8 +192,11 @@ class RAFT(nnx.Module):
       net, coords1, _ = carry
       corr = lookup(pyramid, coords1, cfg.corr_radius)
       net, mask, delta = nnx.merge(graphdef, state)(net, inp, corr, coords1 - coords0)
-      return (net, coords1 + delta, mask), None
+      coords1 = coords1 + delta
+      return (net, coords1, mask), ((coords1 - coords0, mask) if all_iterations else None)
 
     mask0 = jnp.zeros((b, h, w, 9 * 64), jnp.float32)
-    (net, coords1, mask), _ = jax.lax.scan(step, (net, coords0, mask0), None, length=iters)
+    (net, coords1, mask), per_iteration = jax.lax.scan(step, (net, coords0, mask0), None, length=iters)
+    if all_iterations:
+      return jax.vmap(upsample_flow)(*per_iteration)
     return upsample_flow(coords1 - coords0, mask)

@@ -1,0 +1,307 @@
+"""RAFT trained on the procedural world, and the physical check of vcjax's RAFT: measured flow vs the
+world's exact motion.
+
+The parity tests hold vcjax's RAFT to a PyTorch statement of the original on random weights. They cannot
+show that the lookups, the pyramid and the convex upsampling measure motion: with random weights the flow
+means nothing. The world can, because it knows the motion of every pixel.
+
+Ground truth (`true_flow`): a world sprite is drawn in its own frame (sprites.py), so a pixel centre p of
+the sprite at frame t0 lands at c1 + (r1 / r0) R(a1 - a0) (p - c0) at frame t1: centres c, radii r and
+angles a are the clip's exact per-frame parameters; this covers translation, spinning and growing alike.
+Every other pixel is static background (flow 0). Flow is (x, y) in pixels, as RAFT outputs it.
+
+Training (`train`): RAFT's supervised recipe at a small scale, on frame pairs (t, t + gap), gap 1..3, of
+clips drawn at 128 px (RAFT's smallest size, raft.MIN_SIZE) from their own random stream "flow"; every
+sprite combination, held-out ones included (RAFT is an evaluator, like the probe). The loss is the
+original's sequence loss: sum over the `iters` iterations of gamma^(iters - 1 - i) x the mean L1 error
+(gamma 0.8, 12 iterations); AdamW (lr 4e-4, weight decay 1e-4, eps 1e-8), gradients clipped at 1.0, a
+linear warmup and decay. The context encoder's batch-norm statistics stay at their initial values (as RAFT
+freezes them after its first stage); its scales and biases train.
+
+Check (`check`): pairs of consecutive frames of clips from the stream "flow-check" (never trained on), read
+with 20 iterations as VBench and the authors do: end-point error over all pixels and over the sprite; for
+translating clips the compass direction and speed of the mean flow over the sprite vs the true ones; and
+the authors' dynamic degree (vcjax.eval.metrics) from the measured flow vs from the true flow.
+
+    python -m vcjax.world.flow --out DIR --steps 1500   # DIR/raft-world.safetensors + DIR/config.json
+    python -m vcjax.world.flow --out DIR2 --init DIR/raft-world.safetensors --steps 500   # continue
+    python -m vcjax.world.flow --check DIR/raft-world.safetensors --check-clips 48 --json check.json
+
+The weights file has the original checkpoint's key names (`python -m vcjax.eval --raft FILE` reads it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from vcjax import compiler
+from vcjax.eval import metrics
+from vcjax.models.raft import RAFT, RAFTConfig, original_state_dict
+from vcjax.world import clips as clips_lib
+from vcjax.world import motion, splits, truth
+from vcjax.world.config import WorldConfig
+
+WEIGHTS = "raft-world.safetensors"
+SIZE = 128  # the smallest frame RAFT's 4-level pyramid takes
+
+
+def true_flow(clip: clips_lib.Clip, t0: int, t1: int) -> np.ndarray:
+  """The exact flow from frame t0 to frame t1 of a rendered clip: `(H, W, 2)` float32 (x, y) pixels; the
+  sprite's pixels at t0 (its mask) move with it, the background's do not."""
+  h, w = clip.frames.shape[1:3]
+  ys, xs = np.mgrid[:h, :w].astype(np.float64) + 0.5  # pixel i covers [i, i + 1)
+  (y0, x0), (y1, x1) = clip.centres[t0], clip.centres[t1]
+  scale = clip.radii[t1] / clip.radii[t0]
+  turn = clip.angles[t1] - clip.angles[t0]  # clockwise on screen (y down), as the renderer rotates
+  rx, ry = xs - x0, ys - y0
+  nx = x1 + scale * (math.cos(turn) * rx - math.sin(turn) * ry)
+  ny = y1 + scale * (math.sin(turn) * rx + math.cos(turn) * ry)
+  flow = np.stack([nx - xs, ny - ys], axis=-1)
+  return np.where(clip.masks[t0][..., None], flow, 0.0).astype(np.float32)
+
+
+def world_for_flow(world: WorldConfig, size: int = SIZE) -> WorldConfig:
+  return dataclasses.replace(world, size=size)
+
+
+def _draw(world: WorldConfig, index: int, stream: str) -> clips_lib.ClipAttributes:
+  """Clip `index` of `stream`, its combination uniform over every one of the world (held-out included)."""
+  combos = splits.combos(world, "train") + splits.combos(world, "heldout")
+  rng = np.random.default_rng([int(world.seed) % 2**32, splits.stream_id(stream), index])
+  shape, pattern, colour = combos[int(rng.integers(len(combos)))]
+  return clips_lib.sample_attributes(world, index, "train", stream=stream, shape=shape, pattern=pattern,
+                                     colour=colour)
+
+
+def batch(world: WorldConfig, start: int, pairs: int, *, max_gap: int = 3,
+          stream: str = "flow") -> dict[str, np.ndarray]:
+  """Pairs start .. start+pairs-1 of `stream`: image1, image2 `(B, S, S, 3)` float32 in [0, 255] and their
+  true flow `(B, S, S, 2)`. Pair i is frames (t, t + gap) of clip i, gap uniform in 1..max_gap."""
+  out = {"image1": [], "image2": [], "flow": []}
+  for i in range(start, start + pairs):
+    rng = np.random.default_rng([int(world.seed) % 2**32, splits.stream_id(stream + "-pair"), i])
+    gap = int(rng.integers(1, max_gap + 1))
+    t0 = int(rng.integers(0, world.frames - gap))
+    clip = clips_lib.render(world, _draw(world, i, stream), frames=t0 + gap + 1)
+    out["image1"].append(clip.frames[t0])
+    out["image2"].append(clip.frames[t0 + gap])
+    out["flow"].append(true_flow(clip, t0, t0 + gap))
+  return {k: np.stack(v).astype(np.float32) for k, v in out.items()}
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+def sequence_loss(flows, target, gamma: float = 0.8):
+  """RAFT's loss: flows `(N, B, H, W, 2)` (every iteration's), target `(B, H, W, 2)` -> scalar."""
+  n = flows.shape[0]
+  weights = gamma ** (n - 1 - jnp.arange(n, dtype=jnp.float32))
+  return jnp.sum(weights * jnp.abs(flows - target[None]).mean(axis=(1, 2, 3, 4)))
+
+
+def _labels(params):
+  """"frozen" for the batch-norm statistics, "train" for every other parameter."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: "frozen" if "running_" in jax.tree_util.keystr(path) else "train", params)
+
+
+def make_optimizer(params, steps: int, lr: float = 4e-4) -> optax.GradientTransformation:
+  warmup = max(1, min(100, steps // 20))
+  schedule = optax.join_schedules([optax.linear_schedule(lr * 0.05, lr, warmup),
+                                   optax.linear_schedule(lr, lr * 0.05, max(1, steps - warmup))], [warmup])
+  adamw = optax.chain(optax.clip_by_global_norm(1.0),
+                      optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4))
+  return optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()}, _labels(params))
+
+
+@compiler.jit(static_argnums=(0, 1, 2), donate_argnums=(3, 4))
+def _train_step(graphdef, tx, iters, params, opt_state, data):
+  def loss_fn(p):
+    flows = nnx.merge(graphdef, p)(data["image1"], data["image2"], iters=iters, all_iterations=True)
+    return sequence_loss(flows, data["flow"]), jnp.abs(flows[-1] - data["flow"]).sum(-1).mean()
+  (loss, l1), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  updates, opt_state = tx.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state, loss, l1
+
+
+def train(world: WorldConfig, *, steps: int, batch_size: int = 4, iters: int = 12, lr: float = 4e-4,
+          seed: int = 0, first_pair: int = 0, init: RAFT | None = None, log_every: int = 50, log=None,
+          save=None, save_every: int = 0) -> tuple[RAFT, dict]:
+  """Train RAFT for `steps` steps of `batch_size` pairs from `init` (or from scratch). save(model, summary)
+  is called every `save_every` steps (a long run survives a stop). -> (model, summary)."""
+  log = log or (lambda s: print(s, flush=True))
+  model = init if init is not None else RAFT(RAFTConfig(), rngs=nnx.Rngs(seed))
+  graphdef, params = nnx.split(model)
+  tx = make_optimizer(params, steps, lr)
+  opt_state = tx.init(params)
+  t0, history = time.time(), []
+
+  def summary(done):
+    return {"steps": done, "batch_size": batch_size, "iters": iters, "lr": lr, "seed": seed,
+            "world_seed": world.seed, "size": world.size, "stream": "flow", "first_pair": first_pair,
+            "pairs_seen": first_pair + done * batch_size, "seconds": round(time.time() - t0, 1),
+            "history": history}
+
+  for step in range(steps):
+    data = batch(world, first_pair + step * batch_size, batch_size)
+    params, opt_state, loss, l1 = _train_step(graphdef, tx, iters, params, opt_state, data)
+    if (step + 1) % log_every == 0 or step + 1 == steps:
+      history.append((step + 1, round(float(loss), 4), round(float(l1), 4)))
+      log(f"step {step + 1}/{steps}  loss {history[-1][1]:.4f}  epe {history[-1][2]:.3f}  "
+          f"{time.time() - t0:.0f}s")
+    if save is not None and save_every and (step + 1) % save_every == 0 and step + 1 < steps:
+      nnx.update(model, params)
+      save(model, summary(step + 1))
+  nnx.update(model, params)
+  return model, summary(steps)
+
+
+# ------------------------------------------------------------------------------------------ files
+
+
+def save_raft(folder: str, model: RAFT, training: dict | None = None) -> str:
+  """The weights under the original checkpoint's names (WEIGHTS) + config.json with the training summary."""
+  from vcjax.weights import sources, store
+  os.makedirs(folder, exist_ok=True)
+  path = os.path.join(folder, WEIGHTS)
+  sources.save_safetensors(original_state_dict(model), path)
+  store.write_config(folder, {"format": "vcjax-world-raft", "training": training or {}})
+  return path
+
+
+# ------------------------------------------------------------------------------------------ the check
+
+
+@compiler.jit(static_argnums=(0, 1))
+def _flow(graphdef, iters, params, image1, image2):
+  return nnx.merge(graphdef, params)(image1, image2, iters=iters)
+
+
+def measure(model: RAFT, image1: np.ndarray, image2: np.ndarray, iters: int = 20) -> np.ndarray:
+  """RAFT flow of `(N, S, S, 3)` pairs in [0, 255] -> `(N, S, S, 2)`."""
+  graphdef, params = nnx.split(model)
+  return np.asarray(_flow(graphdef, iters, params, jnp.asarray(image1, jnp.float32),
+                          jnp.asarray(image2, jnp.float32)))
+
+
+def score_clip(world: WorldConfig, clip: clips_lib.Clip, pred: np.ndarray) -> dict:
+  """One clip's row of the check: `pred (F-1, S, S, 2)`, the measured flow of its consecutive pairs."""
+  f = clip.frames.shape[0]
+  true = np.stack([true_flow(clip, t, t + 1) for t in range(f - 1)])
+  err = np.linalg.norm(pred - true, axis=-1)
+  sprite = clip.masks[:-1]
+  row = {"motion": clip.attrs.motion, "speed": clip.attrs.speed, "epe": float(err.mean()),
+         "epe_sprite": float(err[sprite].mean())}
+  kind = motion.MOTIONS[clip.attrs.motion].kind
+  if kind == "translate":
+    mean_pred, mean_true = pred[sprite].mean(0), true[sprite].mean(0)  # (x, y)
+    row["direction_ok"] = int(truth.compass(mean_pred[1], mean_pred[0]) == clip.attrs.motion)  # (dy, dx)
+    row["speed_relative_error"] = float(abs(np.linalg.norm(mean_pred) / np.linalg.norm(mean_true) - 1))
+  elif kind == "still":
+    row["still_sprite_flow"] = float(np.linalg.norm(pred[sprite], axis=-1).mean())
+  threshold = metrics.dd_threshold(world.size, world.size, kind="authors")
+  scores = metrics.top5_mean(np.linalg.norm(pred, axis=-1))
+  true_scores = metrics.top5_mean(np.linalg.norm(true, axis=-1))
+  row.update(top5=float(scores.mean()), true_top5=float(true_scores.mean()),
+             moving=int(metrics.dd_moving(list(scores), f, threshold)),
+             truly_moving=int(metrics.dd_moving(list(true_scores), f, threshold)))
+  return row
+
+
+def summarize(world: WorldConfig, rows: Sequence[dict]) -> dict:
+  """The check's table: means over the clips' rows (direction / speed over translating clips, still flow
+  over still ones, the top-5% error over clips whose true score is above half a pixel)."""
+  def mean(key, where=lambda r: True):
+    xs = [r[key] for r in rows if key in r and where(r)]
+    return float(np.mean(xs)) if xs else None
+  return {"clips": len(rows), "pairs": len(rows) * (world.frames - 1), "size": world.size,
+          "epe": mean("epe"), "epe_sprite": mean("epe_sprite"),
+          "direction_accuracy": mean("direction_ok"), "translating_clips": sum("direction_ok" in r for r in rows),
+          "speed_relative_error": mean("speed_relative_error"), "still_sprite_flow": mean("still_sprite_flow"),
+          "still_clips": sum("still_sprite_flow" in r for r in rows),
+          "dd_threshold": metrics.dd_threshold(world.size, world.size, kind="authors"),
+          "dd_agreement": float(np.mean([r["moving"] == r["truly_moving"] for r in rows])) if rows else None,
+          "top5_relative_error": float(np.mean([abs(r["top5"] / r["true_top5"] - 1) for r in rows
+                                                if r["true_top5"] > 0.5] or [np.nan]))}
+
+
+def check(model: RAFT, world: WorldConfig, *, clips: int = 48, iters: int = 20, stream: str = "flow-check",
+          log=None) -> dict:
+  """Measured vs true flow on every consecutive pair of `clips` clips of `stream` (see the module doc):
+  the summary table plus its per-clip rows ("videos")."""
+  log = log or (lambda s: None)
+  rows = []
+  for i in range(clips):
+    clip = clips_lib.render(world, _draw(world, i, stream))
+    rows.append(score_clip(world, clip, measure(model, clip.frames[:-1], clip.frames[1:], iters)))
+    r = rows[-1]
+    log(f"clip {i + 1}/{clips} {r['motion']:<10} epe {r['epe']:.3f} (sprite {r['epe_sprite']:.2f})  "
+        f"top5 {r['top5']:.2f} vs {r['true_top5']:.2f}")
+  return dict(summarize(world, rows), iters=iters, stream=stream, videos=rows)
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  ap = argparse.ArgumentParser(prog="python -m vcjax.world.flow", description=__doc__.split("\n")[0])
+  ap.add_argument("--out", help="folder for raft-world.safetensors + config.json (training)")
+  ap.add_argument("--steps", type=int, default=1500)
+  ap.add_argument("--batch-size", type=int, default=4)
+  ap.add_argument("--iters", type=int, default=12, help="RAFT iterations in training")
+  ap.add_argument("--lr", type=float, default=4e-4)
+  ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--world-seed", type=int, default=0)
+  ap.add_argument("--size", type=int, default=SIZE)
+  ap.add_argument("--init", help="continue from this weights file (its pairs are skipped)")
+  ap.add_argument("--save-every", type=int, default=250)
+  ap.add_argument("--log-every", type=int, default=50)
+  ap.add_argument("--check", help="only check this weights file (no training)")
+  ap.add_argument("--check-clips", type=int, default=48, help="clips of the check after training (0: none)")
+  ap.add_argument("--json", help="write the check's result here")
+  args = ap.parse_args(argv)
+  if not args.out and not args.check:
+    ap.error("give --out (train) or --check FILE")
+  from vcjax.weights import store
+  from vcjax.weights.eval_models import load_raft
+  world = world_for_flow(WorldConfig(seed=args.world_seed), args.size)
+  if args.check:
+    model, summary = load_raft(args.check), None
+  else:
+    previous, first_pair, init = None, 0, None
+    if args.init:
+      init = load_raft(args.init)
+      previous = store.read_config(os.path.dirname(os.path.abspath(args.init))).get("training", {})
+      first_pair = int(previous.get("pairs_seen", 0))
+    save = lambda m, s: save_raft(args.out, m, dict(s, previous=previous) if previous else s)
+    model, summary = train(world, steps=args.steps, batch_size=args.batch_size, iters=args.iters, lr=args.lr,
+                           seed=args.seed, first_pair=first_pair, init=init, log_every=args.log_every,
+                           save=save, save_every=args.save_every)
+    print(f"-> {save(model, summary)}")
+  if args.check or args.check_clips:
+    result = check(model, world, clips=args.check_clips, log=print)
+    table = {k: v for k, v in result.items() if k != "videos"}
+    print(json.dumps(table, indent=1))
+    if summary is not None:
+      summary["check"] = table
+      save_raft(args.out, model, dict(summary, previous=previous) if previous else summary)
+    if args.json:
+      with open(args.json, "w") as f:
+        json.dump(result, f, indent=1)
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
