@@ -79,7 +79,8 @@ def run(cfg) -> list[str]:
   from vcjax.pipeline import VideoPipeline
 
   from vcjax.compiler import use_compilation_cache
-  use_compilation_cache(cfg.compilation_cache)  # before anything compiles: a repeat run loads executables
+  # Before anything compiles: a repeat run loads its executables, the small ones too (each costs a compile).
+  use_compilation_cache(cfg.compilation_cache, min_compile_seconds=0.0)
   if not cfg.model or not os.path.isdir(cfg.model):
     hint = ("the world model, not trained yet: its recipe is configs/world_vae.py, then configs/world_t2v.py"
             if os.path.abspath(cfg.model or ".").endswith(os.path.join("models", "world")) else

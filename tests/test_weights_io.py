@@ -279,3 +279,27 @@ def test_big_endian_zip(tmp_path):
   sd = read_state_dict(tmp_path / "be.pt")
   for name, t in ref.items():
     assert_same(sd[name], t)
+
+
+@pytest.mark.parametrize("component", ["unet", "vae", "text_encoder"])
+def test_abstract_modules_match_a_real_build(component):
+  """loading.abstract (ShapeOnlyRngs) has exactly the variables, shapes and dtypes of nnx.eval_shape
+  with nnx.Rngs."""
+  from flax import nnx
+
+  from vcjax import loading
+  from vcjax.models.configs import CLIPTextConfig, UNet3DConfig, VAEConfig
+  config = {"unet": UNet3DConfig(block_out_channels=(16, 32), layers_per_block=1, cross_attention_dim=16,
+                                 num_attention_heads=2, norm_num_groups=8, motion_num_heads=2,
+                                 down_block_types=("CrossAttnDownBlock", "DownBlock"),
+                                 up_block_types=("UpBlock", "CrossAttnUpBlock")),
+            "vae": VAEConfig(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8),
+            "text_encoder": CLIPTextConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                           num_hidden_layers=1, num_attention_heads=2,
+                                           max_position_embeddings=8)}[component]
+  cls, _ = loading._COMPONENTS[component]
+  want = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
+  got = loading.abstract(component, config)
+  shapes = lambda m: {path: (type(v).__name__, v.get_value().shape, v.get_value().dtype)
+                      for path, v in nnx.to_flat_state(nnx.state(m))}
+  assert shapes(got) == shapes(want) and len(shapes(want)) > 10

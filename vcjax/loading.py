@@ -20,6 +20,7 @@ from vcjax.models.clip_text import CLIPTextModel
 from vcjax.models.configs import CLIPTextConfig, UNet3DConfig, VAEConfig
 from vcjax.models.unet3d import UNet3D
 from vcjax.models.vae import AutoencoderKL
+from vcjax.nn.abstract import abstract_module
 from vcjax.weights import keymaps, store
 from vcjax.weights.errors import CheckpointError
 
@@ -35,7 +36,7 @@ _IGNORE = {"unet": [r"pos_embed\.pe$", r"pos_encoder\.pe$"], "vae": [], "text_en
 def abstract(component: str, config) -> nnx.Module:
   """The module of `component` with shapes but no weights (nothing allocated)."""
   cls, _ = _COMPONENTS[component]
-  return nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
+  return abstract_module(lambda rngs: cls(config, rngs=rngs))
 
 
 def from_state_dict(component: str, config, state_dict, *, strict: bool = True, dtype=None) -> nnx.Module:

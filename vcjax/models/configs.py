@@ -35,11 +35,13 @@ def reconfigure(module, **fields):
   `module` itself when nothing changes. Attention variants set on the old module are not carried over:
   reconfigure first, then set them."""
   from flax import nnx
+
+  from vcjax.nn.abstract import abstract_module
   config = module.config
   new = dataclasses.replace(config, **fields)
   if new == config:
     return module
-  rebuilt = nnx.eval_shape(lambda: type(module)(new, rngs=nnx.Rngs(0)))
+  rebuilt = abstract_module(lambda rngs: type(module)(new, rngs=rngs))
   nnx.update(rebuilt, nnx.state(module))
   return rebuilt
 

@@ -17,6 +17,7 @@ from flax import nnx
 from vcjax.models.clip_vision import CLIPConfig, CLIPModel
 from vcjax.models.raft import RAFT, RAFTConfig, raft_state_dict
 from vcjax.models.vit import ViTConfig, ViTModel
+from vcjax.nn.abstract import abstract_module
 from vcjax.weights import keymaps, sources
 from vcjax.weights.errors import CheckpointError
 
@@ -73,7 +74,7 @@ def load_clip(folder: str) -> CLIPModel:
   config = _read_config(folder)
   _check_kind(folder, config, "clip", "a CLIP model")
   cfg = CLIPConfig.from_dict(config)
-  model = nnx.eval_shape(lambda: CLIPModel(cfg, rngs=nnx.Rngs(0)))
+  model = abstract_module(lambda rngs: CLIPModel(cfg, rngs=rngs))
   return _load(model, clip_state_dict(_read_weights(folder)), f"{folder} CLIP")
 
 
@@ -91,7 +92,7 @@ def load_dino(folder: str) -> ViTModel:
   config = _read_config(folder)
   _check_kind(folder, config, "vit", "a ViT (DINO) model")
   cfg = ViTConfig.from_dict(config)
-  model = nnx.eval_shape(lambda: ViTModel(cfg, rngs=nnx.Rngs(0)))
+  model = abstract_module(lambda rngs: ViTModel(cfg, rngs=rngs))
   return _load(model, vit_state_dict(_read_weights(folder)), f"{folder} DINO ViT")
 
 
@@ -107,6 +108,6 @@ def load_raft(path: str, config: RAFTConfig | None = None) -> RAFT:
              k.startswith(("fnet.", "cnet.", "update_block.")) for k in state):
     raise CheckpointError(f"{path}: not a RAFT checkpoint (no fnet / cnet / update_block weights)")
   cfg = config or RAFTConfig()
-  model = nnx.eval_shape(lambda: RAFT(cfg, rngs=nnx.Rngs(0)))
+  model = abstract_module(lambda rngs: RAFT(cfg, rngs=rngs))
   return keymaps.load_state_dict(model, raft_state_dict(state), ignore=[r"num_batches_tracked$"],
                                  what=f"{path} RAFT")

@@ -8,7 +8,7 @@ import json
 import os
 from typing import Any
 
-import jax.numpy as jnp
+import jax
 import numpy as np
 from flax import nnx
 
@@ -37,10 +37,12 @@ def set_params(module: nnx.Module, params: dict[str, Any], *, dtype=None, what: 
                                             ("wrongly shaped", wrong)) if ks]
   if problems:
     raise CheckpointError(f"{what}: parameters do not fit: " + "; ".join(problems))
-  for name, path in names.items():
-    var = flat[path]
-    target = dtype or var.get_value().dtype
-    var.set_value(jnp.asarray(params[name], dtype=target))
+  # Cast on the host and transfer in one call: an eager device-side cast compiles a tiny XLA program per
+  # shape, and one transfer per array adds up; either costs seconds per load of a small model.
+  host = [np.asarray(params[name]).astype(dtype or flat[path].get_value().dtype, copy=False)
+          for name, path in names.items()]
+  for path, value in zip(names.values(), jax.device_put(host)):
+    flat[path].set_value(value)
   nnx.update(module, nnx.from_flat_state(flat))
   return module
 

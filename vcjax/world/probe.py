@@ -59,6 +59,7 @@ import optax
 from flax import nnx
 
 from vcjax import compiler
+from vcjax.nn.abstract import abstract_module
 from vcjax.world import clips as clips_lib
 from vcjax.world import splits
 from vcjax.world.config import WorldConfig
@@ -376,7 +377,7 @@ def load_probe(folder: str | None = None) -> Probe:
   if info.get("format") != FORMAT:
     raise ValueError(f"{folder}: not a world probe (config format {info.get('format')!r})")
   config = ProbeConfig.from_dict(info["probe"])
-  model = nnx.eval_shape(lambda: Probe(config, rngs=nnx.Rngs(0)))
+  model = abstract_module(lambda rngs: Probe(config, rngs=rngs))
   return store.set_params(model, store.read_component(folder, "probe"), what=f"{folder} probe")
 
 
