@@ -12,6 +12,15 @@ e.g. the snapshot a working day ended with, see models/snapshots/README.md):
 
     python train.py --config configs/world_t2v.py:continue --workdir runs/world_t2v_b \
         --config.model=SNAPSHOT --config.num_steps=STEPS_LEFT [--config.vae_model=NEWER_VAE_FOLDER]
+
+AnimateDiff's two stages instead of joint training (the comparison of E1): `:images` trains the image
+model (spatial layers + text encoder) on single frames, as many frames a step as a joint step has; then
+`:motion` trains only the motion modules on clips, over the frozen stage-1 model:
+
+    python train.py --config configs/world_t2v.py:images --workdir runs/world_t2v_images \
+        --config.model=models/snapshots/world_vae --config.data.dir=data/world --config.num_steps=N1
+    python train.py --config configs/world_t2v.py:motion --workdir runs/world_t2v_motion \
+        --config.model=runs/world_t2v_images/final/model --config.data.dir=data/world --config.num_steps=N2
 """
 
 import ml_collections
@@ -33,20 +42,29 @@ TEXT = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_att
             max_position_embeddings=24, hidden_act="quick_gelu")
 
 
+VARIANTS = ("", "continue", "images", "motion")
+
+
 def get_config(variant: str = ""):
-  if variant not in ("", "continue"):
-    raise ValueError(f"configs/world_t2v.py takes no argument or ':continue', got {variant!r}")
+  if variant not in VARIANTS:
+    raise ValueError(f"configs/world_t2v.py takes no argument or one of "
+                     f"{', '.join(':' + v for v in VARIANTS if v)}, got {variant!r}")
   c = t2v_config()
   c.resolution = 64
   c.num_frames = 16
-  fresh = variant != "continue"  # continue: both from config.model (empty = load)
+  fresh = variant in ("", "images")  # continue / motion: both from config.model (empty = load)
   c.unet = ml_collections.ConfigDict(UNET if fresh else {})
   c.text_encoder = ml_collections.ConfigDict(TEXT if fresh else {})
-  c.train_text_encoder = True
+  c.train_text_encoder = variant != "motion"
   c.batch_size = 4
   c.num_steps = 6000
   c.data.kind = "folder"
   c.data.dataset = "vcjax_video_clips/train"
   c.checkpoint.every = 200
   c.log_every = 20
+  if variant == "images":  # stage 1: the image model, on 64 single frames a step (a joint step's 4 x 16)
+    c.num_frames, c.batch_size = 1, 64
+    c.train_motion = False
+  elif variant == "motion":  # stage 2: the motion modules alone, on clips
+    c.train_spatial = False
   return c
