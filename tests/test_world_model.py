@@ -215,6 +215,21 @@ def test_t2v_vae_model_replaces_the_base_vae(vae_model, world_data, tmp_path):
   assert len(flat) == len(want)
 
 
+def test_world_t2v_config_variants():
+  """The recipe's configs: joint (fresh), :continue, and AnimateDiff's two stages, which see as many frames a
+  step as a joint step and train disjoint parameter groups."""
+  from configs import world_t2v
+  joint, cont, images, motion = (world_t2v.get_config(v) for v in ("", "continue", "images", "motion"))
+  assert joint.unet.block_out_channels == (32, 64, 128) and not cont.unet and not motion.unet
+  assert images.unet.to_dict() == joint.unet.to_dict()
+  assert images.num_frames * images.batch_size == joint.num_frames * joint.batch_size == 64
+  assert (images.train_spatial, images.train_motion, images.train_text_encoder) == (True, False, True)
+  assert (motion.train_spatial, motion.train_motion, motion.train_text_encoder) == (False, True, False)
+  assert motion.num_frames == 16
+  with pytest.raises(ValueError, match=":images"):
+    world_t2v.get_config("stage1")
+
+
 @pytest.mark.slow  # > 15 s on 2 CPU cores
 def test_t2v_trainable_selection(vae_model, world_data):
   cfg = _tiny_t2v_cfg(vae_model, world_data)
