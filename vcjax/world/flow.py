@@ -14,8 +14,8 @@ Training (`train`): RAFT's supervised recipe at a small scale, on frame pairs (t
 clips drawn at 128 px (RAFT's smallest size, raft.MIN_SIZE) from their own random stream "flow"; every
 sprite combination, held-out ones included (RAFT is an evaluator, like the probe). The loss is the
 original's sequence loss: sum over the `iters` iterations of gamma^(iters - 1 - i) x the mean L1 error
-(gamma 0.8, 12 iterations); AdamW (lr 4e-4, weight decay 1e-4, eps 1e-8), gradients clipped at 1.0, a
-linear warmup and decay. The context encoder's batch-norm statistics stay at their initial values (as RAFT
+(gamma 0.8; 6 iterations by default, the original's 12 cost too much here: see below); AdamW (lr 4e-4,
+weight decay 1e-4, eps 1e-8), gradients clipped at 1.0, a linear warmup and decay. The context encoder's batch-norm statistics stay at their initial values (as RAFT
 freezes them after its first stage); its scales and biases train.
 
 Check (`check`): pairs of consecutive frames of clips from the stream "flow-check" (never trained on), read
@@ -23,9 +23,14 @@ with 20 iterations as VBench and the authors do: end-point error over all pixels
 translating clips the compass direction and speed of the mean flow over the sprite vs the true ones; and
 the authors' dynamic degree (vcjax.eval.metrics) from the measured flow vs from the true flow.
 
-    python -m vcjax.world.flow --out DIR --steps 1500   # DIR/raft-world.safetensors + DIR/config.json
-    python -m vcjax.world.flow --out DIR2 --init DIR/raft-world.safetensors --steps 500   # continue
-    python -m vcjax.world.flow --check DIR/raft-world.safetensors --check-clips 48 --json check.json
+    python -m vcjax.world.flow --out DIR          # DIR/raft-world.safetensors + DIR/config.json, then the check
+    python -m vcjax.world.flow --out DIR2 --init DIR/raft-world.safetensors --steps 300   # continue
+    python -m vcjax.world.flow --check DIR/raft-world.safetensors --check-clips 16 --json check.json
+
+Cost on the 2-core CPU (measured beside another training run, so about twice the idle time): one step at
+RAFT's own batch 4 x 12 iterations takes ~75 s (the update block's convolutions at 1/8 resolution, run
+every iteration, are ~3/4 of the ~300 GFLOP), so the defaults are 2 pairs x 6 iterations (~20 s); a check
+pair at 20 iterations is ~40 GFLOP, so the check's default is 16 clips (240 pairs).
 
 The weights file has the original checkpoint's key names (`python -m vcjax.eval --raft FILE` reads it).
 """
@@ -136,7 +141,7 @@ def _train_step(graphdef, tx, iters, params, opt_state, data):
   return optax.apply_updates(params, updates), opt_state, loss, l1
 
 
-def train(world: WorldConfig, *, steps: int, batch_size: int = 4, iters: int = 12, lr: float = 4e-4,
+def train(world: WorldConfig, *, steps: int, batch_size: int = 2, iters: int = 6, lr: float = 4e-4,
           seed: int = 0, first_pair: int = 0, init: RAFT | None = None, log_every: int = 50, log=None,
           save=None, save_every: int = 0) -> tuple[RAFT, dict]:
   """Train RAFT for `steps` steps of `batch_size` pairs from `init` (or from scratch). save(model, summary)
@@ -237,7 +242,7 @@ def summarize(world: WorldConfig, rows: Sequence[dict]) -> dict:
                                                 if r["true_top5"] > 0.5] or [np.nan]))}
 
 
-def check(model: RAFT, world: WorldConfig, *, clips: int = 48, iters: int = 20, stream: str = "flow-check",
+def check(model: RAFT, world: WorldConfig, *, clips: int = 16, iters: int = 20, stream: str = "flow-check",
           log=None) -> dict:
   """Measured vs true flow on every consecutive pair of `clips` clips of `stream` (see the module doc):
   the summary table plus its per-clip rows ("videos")."""
@@ -258,18 +263,18 @@ def check(model: RAFT, world: WorldConfig, *, clips: int = 48, iters: int = 20, 
 def main(argv: Sequence[str] | None = None) -> int:
   ap = argparse.ArgumentParser(prog="python -m vcjax.world.flow", description=__doc__.split("\n")[0])
   ap.add_argument("--out", help="folder for raft-world.safetensors + config.json (training)")
-  ap.add_argument("--steps", type=int, default=1500)
-  ap.add_argument("--batch-size", type=int, default=4)
-  ap.add_argument("--iters", type=int, default=12, help="RAFT iterations in training")
+  ap.add_argument("--steps", type=int, default=300)
+  ap.add_argument("--batch-size", type=int, default=2)
+  ap.add_argument("--iters", type=int, default=6, help="RAFT iterations in training (the original: 12)")
   ap.add_argument("--lr", type=float, default=4e-4)
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--world-seed", type=int, default=0)
   ap.add_argument("--size", type=int, default=SIZE)
   ap.add_argument("--init", help="continue from this weights file (its pairs are skipped)")
-  ap.add_argument("--save-every", type=int, default=250)
-  ap.add_argument("--log-every", type=int, default=50)
+  ap.add_argument("--save-every", type=int, default=50)
+  ap.add_argument("--log-every", type=int, default=10)
   ap.add_argument("--check", help="only check this weights file (no training)")
-  ap.add_argument("--check-clips", type=int, default=48, help="clips of the check after training (0: none)")
+  ap.add_argument("--check-clips", type=int, default=16, help="clips of the check after training (0: none)")
   ap.add_argument("--json", help="write the check's result here")
   args = ap.parse_args(argv)
   if not args.out and not args.check:
