@@ -95,6 +95,24 @@ def _erode(m):
   return np.logical_and.reduce([p[dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3)])
 
 
+def test_captions_without_appearance_or_with_a_token(sample):
+  """Customization prompts: pattern and colour left to a reference image, or to a placeholder token."""
+  for c in sample[0][:40]:
+    a = c.attrs
+    bare = captions.caption(CFG, a, subject="")
+    token = captions.caption(CFG, a, subject="<new1>")
+    assert bare == c.caption.replace(f"{sprites.PATTERNS[a.pattern].word} {a.colour} ", "")
+    assert token == c.caption.replace(f"{sprites.PATTERNS[a.pattern].word} {a.colour}", "<new1>")
+    want = dict(a.categorical(), pattern=None, colour=None)
+    assert parse_caption(CFG, bare) == want, bare
+    assert parse_caption(CFG, token, placeholder="<new1>") == dict(want, subject="<new1>"), token
+  assert parse_caption(CFG, "a big star spinning at night")["size"] == "big"
+  for bad in ("a red star spinning at night", "a dotted star spinning at night",
+              "a <new1> star spinning at night"):  # half an appearance; a token that is not the placeholder
+    with pytest.raises(ValueError):
+      parse_caption(CFG, bad, placeholder="<new2>")
+
+
 def test_captions_match_content(sample):
   """What the caption names is what the pixels show: background, colour, pattern, size, motion."""
   train, _ = sample

@@ -176,3 +176,16 @@ def test_ground_truth_through_a_vae_is_its_round_trip(converted, shipped):
   p = subprocess.run([sys.executable, "-m", "vcjax.world.evaluate", "--model", converted, "--through-vae",
                       converted], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert p.returncode == 2 and "--through-vae goes with --ground-truth" in p.stderr
+
+
+def test_prompts_without_appearance_score_the_rest(world, shipped):
+  """A prompt that leaves pattern and colour to a reference (captions.caption(subject="")) is scored on
+  everything else; the same clip under its full caption is scored on pattern and colour too."""
+  from vcjax.world import captions, clips
+  from vcjax.world.evaluate import score_video
+  clip = clips.sample_clip(world, 5)
+  full = score_video(shipped, world, clip.caption, clip.frames)
+  bare = score_video(shipped, world, captions.caption(world, clip.attrs, subject=""), clip.frames)
+  assert set(full["correct"]) - set(bare["correct"]) == {"pattern", "colour"}
+  assert all(bare["correct"][k] == full["correct"][k] for k in bare["correct"])
+  assert all(full["correct"].values())

@@ -10,6 +10,10 @@
                   "at night" | "at sunset" | "on a gray background" | "on a white background"
 
 e.g. "a small striped red star moving left quickly over grass", "a dotted blue heart spinning at night".
+Customization prompts leave the appearance (PATTERN COLOUR) to something else (`caption(..., subject=)`):
+to a reference image ("a small star moving left over grass", VideoMaker) or to a learnt token
+("a small <new1> star moving left over grass", CustomCrafter); parse_caption reads both, with pattern
+and colour None (and the token under "subject").
 Words are lower-case, separated by single spaces, no punctuation, so a word-level tokenizer over
 `vocabulary()` covers every caption. The words come from the tables (sprites / backgrounds / motion) and the
 config, so a new entry there is automatically part of the grammar.
@@ -24,11 +28,14 @@ from vcjax.world.config import WorldConfig
 FIELDS = ("size", "pattern", "colour", "shape", "motion", "speed", "background")
 
 
-def caption(config: WorldConfig, attrs: dict) -> str:
-  """Attributes (a dict or an object with the FIELDS; speed None unless the motion translates) -> text."""
+def caption(config: WorldConfig, attrs: dict, subject: str | None = None) -> str:
+  """Attributes (a dict or an object with the FIELDS; speed None unless the motion translates) -> text.
+
+  subject: None names the pattern and colour; "" leaves them out (the appearance comes from a reference
+  image); a token (e.g. "<new1>") stands in their place (a subject LoRA's placeholder)."""
   get = attrs.get if isinstance(attrs, dict) else lambda k: getattr(attrs, k)
-  words = ["a", _word(config.sizes, get("size")), sprites.PATTERNS[get("pattern")].word, get("colour"),
-           get("shape"), motion.MOTIONS[get("motion")].phrase]
+  appearance = ([sprites.PATTERNS[get("pattern")].word, get("colour")] if subject is None else [subject])
+  words = ["a", _word(config.sizes, get("size")), *appearance, get("shape"), motion.MOTIONS[get("motion")].phrase]
   if motion.MOTIONS[get("motion")].kind == "translate":
     words.append(_word(config.speeds, get("speed")))
   words.append(backgrounds.BACKGROUNDS[get("background")].phrase)
@@ -64,12 +71,15 @@ def _match(options: dict[str, tuple[str, ...]], words: list[str], i: int):
   return None if best is None else (best[0], i + len(best[1]))
 
 
-def parse_caption(config: WorldConfig, text: str) -> dict:
+def parse_caption(config: WorldConfig, text: str, placeholder: str | None = None) -> dict:
   """A caption of the grammar -> {field: name} (FIELDS; speed None unless the motion translates).
 
-  Raises ValueError for text outside the grammar. Used by metrics to read a prompt's intended content.
+  A caption without pattern and colour (caption(..., subject="")) gives None for both; with `placeholder`,
+  that token may stand in their place (then None too, and "subject" is the token). Raises ValueError for
+  text outside the grammar. Used by metrics to read a prompt's intended content.
   """
-  words = text.strip().lower().split()
+  words = text.strip().split()
+  words = [w if w == placeholder else w.lower() for w in words]
   table = _phrases(config)
   if not words or words[0] != "a":
     raise ValueError(f"not a world caption (must start with 'a'): {text!r}")
@@ -78,7 +88,18 @@ def parse_caption(config: WorldConfig, text: str) -> dict:
     if field == "speed" and motion.MOTIONS[out["motion"]].kind != "translate":
       out["speed"] = None
       continue
+    if field == "pattern" and placeholder is not None and i < len(words) and words[i] == placeholder:
+      out.update(pattern=None, colour=None, subject=placeholder)
+      i += 1
+      continue
+    if field == "colour" and "subject" in out:
+      continue
     m = _match(table[field], words, i)
+    if m is None and field == "pattern" and _match(table["shape"], words, i) is not None:
+      out.update(pattern=None, colour=None)  # appearance left to a reference image
+      continue
+    if m is None and field == "colour" and out.get("pattern") is None and "pattern" in out:
+      continue
     if m is None:
       raise ValueError(f"no {field} at word {i} of {text!r}")
     out[field], i = m

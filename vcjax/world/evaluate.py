@@ -172,7 +172,9 @@ def score_video(probe_model, world: WorldConfig, prompt: str, frames: np.ndarray
   masks = out["mask"]
   read["motion"] = truth.motion_class(masks)
   read["speed"] = truth.speed_class(masks, world.speeds)
-  correct = {k: read[k] == target[k] for k in (*ATTRIBUTES, "motion")}
+  # A prompt that leaves the appearance to a reference or a token (captions.caption(subject=)) has no
+  # pattern / colour to score here (the claims score them against the subject instead).
+  correct = {k: read[k] == target[k] for k in (*ATTRIBUTES, "motion") if target[k] is not None}
   if target["speed"] is not None:
     correct["speed"] = read["speed"] == target["speed"]
   return dict(prompt=prompt, target=target, read=read, correct=correct,
