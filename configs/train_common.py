@@ -63,7 +63,8 @@ def subject_config() -> ml_collections.ConfigDict:
   c.loss_kind = "l1"  # the authors' code (loss_type l1); the paper says "l2"
   c.prior_loss_weight = 1.0
   c.caption_dropout = 0.2  # instance and class captions -> "" (the authors' uncond_prob)
-  c.augment = "authors"  # rescale: "authors" (discrete, black canvas) | "paper" (vcjax/data/customcrafter.py)
+  c.augment = "authors"  # rescale: "authors" (discrete, black canvas) | "paper" (vcjax/data/customcrafter.py) | "none"
+  c.use_captions = False  # subject images' own captions instead of templates of "<new_token> <class_word>"
   return c
 
 

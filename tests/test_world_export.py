@@ -128,6 +128,33 @@ def test_subject_export_and_customcrafter_loader(data_dir, tokenizer):
   assert f"<new1> {shape}" in str(b["caption"][0])
 
 
+def test_customization_captions_and_unaugmented_subject_loader(tmp_path, tokenizer):
+  """--placeholder: the subject named by its token, the class images without appearance; --captions bare
+  for GIRL clips. The loader with use_captions and rescale "none" gives each record's caption and pixels."""
+  out = str(tmp_path)
+  export.export("subject", out, config=CFG, num=3, subject=2, num_prior=2, name="tok", placeholder="<new1>")
+  export.export("girl", out, config=CFG, num=2, name="bare", bare_captions=True)
+  shape = HELD_OUT[2][0]
+  src = loaders.data_source("vcjax_subject_images/tok", out, "train")
+  for r in (src[i] for i in range(len(src))):
+    attrs = parse_caption(CFG, r["caption"].decode(), placeholder="<new1>")
+    assert attrs["subject"] == "<new1>" and attrs["shape"] == shape and attrs["pattern"] is None
+  prior = loaders.data_source("vcjax_subject_images/tok", out, "prior")
+  assert all(parse_caption(CFG, prior[i]["caption"].decode())["colour"] is None for i in range(2))
+  clip = loaders.data_source("vcjax_video_clips/bare", out)[1]
+  want = sample_clip(CFG, 1)
+  assert clip["caption"].decode() == export.captions.caption(CFG, want.attrs, subject="")
+  it = loaders.make_loader("customcrafter", out, 2, 0, tokenizer, dataset="vcjax_subject_images/tok",
+                            shard=grain.sharding.NoSharding(), size=32, class_word=shape, num_threads=1,
+                            rescale="none", use_captions=True, caption_dropout=0.0)
+  b = next(it)
+  records = {r["caption"].decode(): r["image"] for r in (src[i] for i in range(3))}
+  records.update({r["caption"].decode(): r["image"] for r in (prior[i] for i in range(2))})
+  for caption, pixels in zip(b["caption"], b["pixels"]):
+    image = records[str(caption)]  # the record's own caption, no prefix
+    np.testing.assert_allclose(pixels[0], image / 127.5 - 1, atol=1e-6)  # no rescale, no flip
+
+
 def test_cli_and_builder_defaults(tmp_path, capsys):
   out = str(tmp_path / "d")
   assert export.main(["--out", out, "--kind", "t2v", "--num", "2", "--size", "16", "--frames", "3",

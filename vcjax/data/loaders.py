@@ -54,7 +54,9 @@ class SubjectClipTransform:
   class word). Prior images get only the flip (none with the authors' rescale, flip_prior False) unless
   augment_prior. caption_dropout: probability that a caption (subject or class) is replaced by "" (the
   authors' uncond_prob 0.2, so the LoRA also learns the unconditional branch used by CFG).
-  rescale: a RescaleConfig or a preset name ("authors", "paper").
+  rescale: a RescaleConfig or a preset name ("authors", "paper"), or "none": the images as they are (no
+  rescale, no flip, no prompt prefix; e.g. world sprites, whose captions name no "close up" and whose
+  shapes a flip would change).
   """
   tokenizer: Any
   size: int = 512
@@ -75,9 +77,11 @@ class SubjectClipTransform:
     y0, x0, y1, x1 = (int(v) for v in record["box"])
     valid = np.zeros(image.shape[:2], dtype=bool)
     valid[y0:y1, x0:x1] = True
-    augment = self.augment_prior or not self.is_prior
-    rescale = RESCALE_PRESETS[self.rescale] if isinstance(self.rescale, str) else self.rescale
-    flip = rescale.flip_prior or not self.is_prior
+    none = isinstance(self.rescale, str) and self.rescale == "none"
+    rescale = (AUTHORS_RESCALE if none else
+               RESCALE_PRESETS[self.rescale] if isinstance(self.rescale, str) else self.rescale)
+    augment = not none and (self.augment_prior or not self.is_prior)
+    flip = not none and (rescale.flip_prior or not self.is_prior)
     pixels, mask, prefix, _, _ = rescale_augment(image, valid, rng, self.size, rescale, augment=augment,
                                                  flip=flip)
     stored = captions.decode_text(record["caption"])

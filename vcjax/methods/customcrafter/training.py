@@ -112,7 +112,8 @@ class SubjectTask(Task):
     return folder_loader(cfg, "customcrafter", tokenizer, batch_size=batch_size, seed=seed,
                          size=cfg.resolution, num_frames=hp.num_frames, placeholder=hp.new_token,
                          class_word=hp.class_word, with_prior=hp.prior_loss_weight > 0,
-                         rescale=cfg.get("augment", "authors"), caption_dropout=cfg.get("caption_dropout", 0.2))
+                         rescale=cfg.get("augment", "authors"), caption_dropout=cfg.get("caption_dropout", 0.2),
+                         use_captions=cfg.get("use_captions", False))
 
   def export(self, model, out: str, info: dict, cfg) -> None:
     """The new token's embedding (token_embedding.safetensors: {token: (D,)}) and the LoRA, as vcjax's own
