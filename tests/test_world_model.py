@@ -230,6 +230,18 @@ def test_world_t2v_config_variants():
     world_t2v.get_config("stage1")
 
 
+def test_world_customization_configs():
+  """E2's configs: the world's sizes, their tasks' hyper-parameters, world-grammar captions for the LoRA."""
+  from configs import world_girl, world_subject
+  from vcjax.train.task import get_task
+  girl, subject = world_girl.get_config(), world_subject.get_config()
+  assert (girl.resolution, girl.num_frames, subject.resolution) == (64, 16, 64)
+  g, s = get_task(girl), get_task(subject)
+  assert g.hp.train_motion and g.hp.min_snr_gamma == 5.0 and g.hp.ref_loss_weight == 0.1
+  assert s.hp.lora_rank == 4 and s.hp.class_word == "star" and s.hp.new_token == "<new1>"
+  assert subject.augment == "none" and subject.use_captions
+
+
 @pytest.mark.slow  # > 15 s on 2 CPU cores
 def test_t2v_trainable_selection(vae_model, world_data):
   cfg = _tiny_t2v_cfg(vae_model, world_data)
