@@ -95,22 +95,28 @@ def through_vae(videos: Iterable[dict], model: str, batch: int = 16) -> Iterator
     yield dict(v, frames=to_uint8(out))
 
 
-def generated_videos(model: str, prompts: Sequence[str], seeds: Sequence[int], *, steps: int, guidance_scale: float,
-                     num_frames: int, height: int, width: int, batch: int, log=print) -> Iterator[dict]:
-  """Every (seed, prompt) of the model, `batch` videos per generate call (the last call padded so that every
-  call has the same shapes: one compiled program)."""
+def generated_videos(model, prompts: Sequence[str], seeds: Sequence[int], *, steps: int, guidance_scale: float,
+                     num_frames: int, height: int, width: int, batch: int, log=print, references=None,
+                     **generate_kwargs) -> Iterator[dict]:
+  """Every (seed, prompt) of the model (a converted folder or a VideoPipeline), `batch` videos per generate
+  call (the last call padded so that every call has the same shapes: one compiled program). references:
+  one `(H, W, 3)` image in [-1, 1] per prompt (VideoMaker), or None; generate_kwargs: further
+  VideoPipeline.generate options (lora_scales, skip_steps, ...). Yields prompt, seed, frames, index (of
+  the prompt)."""
   from vcjax.pipeline import VideoPipeline
-  pipe = VideoPipeline.from_pretrained(model)
-  jobs = [(p, s) for s in seeds for p in prompts]
-  for i in range(0, len(jobs), batch):
-    chunk = jobs[i:i + batch]
+  pipe = VideoPipeline.from_pretrained(model) if isinstance(model, (str, os.PathLike)) else model
+  jobs = [(i, s) for s in seeds for i in range(len(prompts))]
+  for k in range(0, len(jobs), batch):
+    chunk = jobs[k:k + batch]
     padded = chunk + [chunk[-1]] * (batch - len(chunk))
+    refs = None if references is None else np.stack([references[i] for i, _ in padded])
     t = time.time()
-    out = pipe.generate([p for p, _ in padded], seeds=[s for _, s in padded], num_frames=num_frames,
-                        height=height, width=width, steps=steps, guidance_scale=guidance_scale)
-    log(f"videos {i + len(chunk)}/{len(jobs)}  ({time.time() - t:.1f}s)")
-    for (p, s), frames in zip(chunk, out.frames):
-      yield dict(prompt=p, seed=s, frames=frames)
+    out = pipe.generate([prompts[i] for i, _ in padded], seeds=[s for _, s in padded], num_frames=num_frames,
+                        height=height, width=width, steps=steps, guidance_scale=guidance_scale,
+                        reference_images=refs, **generate_kwargs)
+    log(f"videos {k + len(chunk)}/{len(jobs)}  ({time.time() - t:.1f}s)")
+    for (i, s), frames in zip(chunk, out.frames):
+      yield dict(prompt=prompts[i], seed=s, frames=frames, index=i)
 
 
 def video_files(folder: str, prompts: Sequence[str] | None = None) -> list[tuple[str, str | None, int | None]]:
@@ -233,18 +239,22 @@ def format_table(result: dict) -> str:
 
 def evaluate(videos: Iterable[dict], probe_model, world: WorldConfig, errors: list | None = None,
              save_videos: str | None = None) -> dict:
-  """Score every video of `videos` (dicts with prompt, seed, frames, optional path) -> the result dict."""
+  """Score every video of `videos` (dicts with prompt, seed, frames, optional path, and optional caption:
+  the world caption to score against when the prompt does not name everything, e.g. a subject given by a
+  reference image or a token) -> the result dict."""
   errors = [] if errors is None else errors
   rows, seeds = [], []
   for i, v in enumerate(videos):
     if save_videos:
       v["path"] = _save(save_videos, i, v)
     try:
-      row = score_video(probe_model, world, v["prompt"], v["frames"])
+      row = score_video(probe_model, world, v.get("caption") or v["prompt"], v["frames"])
     except ValueError as e:  # a prompt outside the world's grammar
       errors.append(f"{v.get('path', v['prompt'])}: {e}")
       continue
     row.update(seed=v.get("seed"), **({"path": v["path"]} if "path" in v else {}))
+    if v.get("caption") and v["caption"] != v["prompt"]:
+      row["sampled_prompt"] = v["prompt"]
     rows.append(row)
     if v.get("seed") is not None and v["seed"] not in seeds:
       seeds.append(v["seed"])

@@ -1,0 +1,74 @@
+"""E2's claim commands (vcjax/world/claims.py): prompts, references and the tables, on a tiny random model."""
+
+import json
+
+import numpy as np
+import pytest
+
+from vcjax.world import claims, motion, parse_caption
+from vcjax.world.config import WorldConfig
+
+WORLD = WorldConfig()
+
+
+def test_subject_prompts_pin_the_sprite_and_cycle_the_directions():
+  attrs = claims.subject_prompts(WORLD, 9, 10, moving_only=True)
+  assert all(a.combo == WORLD.held_out[9] for a in attrs)
+  moves = [a.motion for a in attrs]
+  assert all(motion.MOTIONS[m].kind == "translate" for m in moves) and len(set(moves[:8])) == 8
+  assert claims.subject_prompts(WORLD, 9, 10, moving_only=True) == attrs  # deterministic
+  anything = claims.subject_prompts(WORLD, 3, 30)
+  assert len({a.motion for a in anything}) > 4 and all(a.combo == WORLD.held_out[3] for a in anything)
+
+
+def test_prompt_forms_leave_the_appearance_to_the_token_or_the_reference():
+  a = claims.subject_prompts(WORLD, 0, 1)[0]
+  shape, pattern, colour = WORLD.held_out[0]
+  text, token, ref = (claims.prompt_text(WORLD, a, f) for f in ("text", "token", "reference"))
+  assert parse_caption(WORLD, text)["colour"] == colour
+  assert parse_caption(WORLD, token, placeholder=claims.TOKEN)["subject"] == claims.TOKEN
+  assert colour not in ref.split() and parse_caption(WORLD, ref)["shape"] == shape
+
+
+def test_reference_image_is_the_sprite_on_white():
+  ref = claims.reference_image(WORLD, 9, 64)
+  assert ref.shape == (64, 64, 3) and ref.dtype == np.float32 and ref.min() >= -1 and ref.max() <= 1
+  np.testing.assert_array_equal(ref, claims.reference_image(WORLD, 9, 64))
+  white = (ref == 1.0).all(-1)
+  assert 0.3 < white.mean() < 0.9  # the sprite cut to its box, the rest white
+  assert np.median(ref[~white]) < -0.8  # held-out sprite 9 is a solid black star (its edges blend to white)
+
+
+@pytest.mark.slow  # samples 16 tiny videos
+def test_claim_commands_on_a_tiny_model(converted, tmp_path):
+  from tests.test_sample_cli import lora_file
+  lora = lora_file(converted, tmp_path / "lora.safetensors")
+  common = ["--model", converted, "--subjects", "9,2", "--num-prompts", "1", "--seeds", "0", "--steps", "2",
+            "--batch", "2", "--size", "32", "--frames", "4"]
+  assert claims.main(["zero-shot", "--girl", converted, "--lora", lora, *common,
+                      "--out", str(tmp_path / "zs")]) == 0
+  result = json.loads((tmp_path / "zs.json").read_text())
+  assert [r["condition"]["form"] for r in result["runs"]] == ["reference", "token", "text"]
+  for run in result["runs"]:
+    assert run["result"]["num_videos"] == 2 and run["result"]["counts"]["colour_accuracy"] == 2
+    for row, subject in zip(run["result"]["videos"], (9, 2)):  # scored against the full caption
+      assert (row["target"]["shape"], row["target"]["pattern"], row["target"]["colour"]) == WORLD.held_out[subject]
+  table = (tmp_path / "zs.md").read_text()
+  assert table.count("\n| ") == 4 and "fidelity" in table and "VideoMaker" in table
+  with pytest.raises(SystemExit):
+    claims.main(["girl", "--out", str(tmp_path / "g")])  # needs --girl
+
+
+def test_the_tables_rows():
+  """Each claim's conditions (the slow test samples one table; the others differ only in these rows)."""
+  import argparse
+  args = argparse.Namespace(model="base", lora="lora.safetensors", girl="girl", girl_fixed_motion="fixed")
+  rows, moving = claims.conditions_for("dynamic-weighting", args)
+  assert moving and [r.schedule for r in rows] == ["paper", "authors", "constant:0.4", "constant:0.8",
+                                                   "constant:1.0"]
+  assert all((r.model, r.form, r.lora) == ("base", "token", "lora.safetensors") for r in rows)
+  rows, moving = claims.conditions_for("girl", args)
+  assert not moving and [(r.model, r.form) for r in rows] == [("base", "reference"), ("girl", "reference"),
+                                                              ("fixed", "reference")]
+  with pytest.raises(ValueError, match="needs a subject LoRA"):
+    claims.Condition("x", "base", "token")
