@@ -101,8 +101,8 @@ def test_score_clip_of_the_true_flow_and_of_no_flow():
 
 @pytest.mark.slow  # compiles RAFT's backward pass
 def test_training_steps_lower_the_loss_and_the_file_loads(tmp_path):
-  """Three steps on one fixed batch lower the sequence loss; the saved file (original key names) loads
-  through the eval loader to the same flow."""
+  """Three steps on one fixed batch lower the sequence loss (the batch-norm statistics stay); the saved file
+  (original key names) loads through the eval loader to the same parameters."""
   from flax import nnx
 
   from vcjax.models.raft import RAFT, RAFTConfig
@@ -122,6 +122,6 @@ def test_training_steps_lower_the_loss_and_the_file_loads(tmp_path):
   np.testing.assert_array_equal(np.asarray(params["cnet"]["norm1"]["running_var"][...]), stats_before)
   nnx.update(model, params)
   path = flow.save_raft(str(tmp_path), model, {"steps": 3})
-  loaded = load_raft(path)
-  a = flow.measure(model, data["image1"], data["image2"], iters=3)
-  np.testing.assert_array_equal(flow.measure(loaded, data["image1"], data["image2"], iters=3), a)
+  from vcjax.models.raft import original_state_dict
+  want, got = original_state_dict(model), original_state_dict(load_raft(path))
+  assert sorted(got) == sorted(want) and all(np.array_equal(got[k], want[k]) for k in want)
