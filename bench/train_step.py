@@ -1,6 +1,7 @@
 """Full-parameter eps training step of small UNet3Ds: vcjax vs diffusers' UNetMotionModel, same weights.
 
-    python bench/train_step.py                      # the 8.4M "world" model, 4 x 16 frames x 16x16 latents
+    python bench/train_step.py                      # the 8.4M model of the issue, 4 x 16 frames x 16x16 latents
+    python bench/train_step.py --shapes world       # the shipped world UNet (configs/world_t2v.py): 32/64/128
     python bench/train_step.py --shapes table       # alternative world shapes (model size, frames, size, batch)
     python bench/train_step.py --shapes c64-f16-l16-b4,c32-f8-l8-b8 --repeat 5
 
@@ -44,14 +45,19 @@ class Shape:
   context_tokens: int = 16
   context_dim: int = 128
   layers_per_block: int = 1
+  cross_attention: tuple[bool, ...] = (True, True, False)  # per level (down order)
+  norm_groups: int = 32
+  label: str = ""
 
   @property
   def name(self) -> str:
-    return f"c{self.channels[0]}-f{self.frames}-l{self.latent}-b{self.batch}"
+    return self.label or f"c{self.channels[0]}-f{self.frames}-l{self.latent}-b{self.batch}"
 
   @staticmethod
   def parse(name: str) -> "Shape":
-    """`c64-f16-l16-b4`: first-level channels (levels c, 2c, 2c), frames, latent size, batch."""
+    """`c64-f16-l16-b4`: first-level channels (levels c, 2c, 2c), frames, latent size, batch; or "world"."""
+    if name == "world":
+      return WORLD
     fields = {part[0]: int(part[1:]) for part in name.split("-")}
     c = fields.get("c", 64)
     return Shape(channels=(c, 2 * c, 2 * c), frames=fields.get("f", 16), latent=fields.get("l", 16),
@@ -59,6 +65,10 @@ class Shape:
 
 
 DEFAULT = "c64-f16-l16-b4"  # 8.38M parameters
+# configs/world_t2v.py's UNet: cross-attention on the two lower-resolution levels only, 4 heads, 16 groups,
+# the world text encoder's 24 x 128 context.
+WORLD = Shape(channels=(32, 64, 128), heads=4, motion_heads=4, context_tokens=24, context_dim=128,
+              cross_attention=(False, True, True), norm_groups=16, label="world")
 TABLE = ["c64-f16-l16-b4", "c64-f8-l16-b4", "c64-f16-l8-b4", "c64-f16-l16-b8", "c64-f8-l8-b8",
          "c32-f16-l16-b4", "c32-f8-l16-b8", "c32-f16-l8-b8"]
 
@@ -72,13 +82,14 @@ def torch_model(shape: Shape):
   from vcjax.testing import randomize_
   torch.manual_seed(0)
   levels = len(shape.channels)
+  assert len(shape.cross_attention) == levels
   unet2d = UNet2DConditionModel(
       block_out_channels=shape.channels, layers_per_block=shape.layers_per_block,
-      attention_head_dim=shape.heads, cross_attention_dim=shape.context_dim, norm_num_groups=32,
-      down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
-      up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1))
+      attention_head_dim=shape.heads, cross_attention_dim=shape.context_dim, norm_num_groups=shape.norm_groups,
+      down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in shape.cross_attention),
+      up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in shape.cross_attention[::-1]))
   adapter = MotionAdapter(block_out_channels=shape.channels, motion_layers_per_block=shape.layers_per_block,
-                          motion_num_attention_heads=shape.motion_heads, motion_norm_num_groups=32,
+                          motion_num_attention_heads=shape.motion_heads, motion_norm_num_groups=shape.norm_groups,
                           motion_max_seq_length=32, use_motion_mid_block=False)
   return randomize_(UNetMotionModel.from_unet2d(unet2d, adapter), 0).train()
 
