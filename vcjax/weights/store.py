@@ -39,6 +39,7 @@ def set_params(module: nnx.Module, params: dict[str, Any], *, dtype=None, what: 
     raise CheckpointError(f"{what}: parameters do not fit: " + "; ".join(problems))
   # Cast on the host and transfer in one call: an eager device-side cast compiles a tiny XLA program per
   # shape, and one transfer per array adds up; either costs seconds per load of a small model.
+  dtype = None if dtype is None else jax.numpy.dtype(dtype)  # "bfloat16" too (numpy alone lacks the name)
   host = [np.asarray(params[name]).astype(dtype or flat[path].get_value().dtype, copy=False)
           for name, path in names.items()]
   for path, value in zip(names.values(), jax.device_put(host)):
