@@ -88,18 +88,17 @@ def parse_caption(config: WorldConfig, text: str, placeholder: str | None = None
     if field == "speed" and motion.MOTIONS[out["motion"]].kind != "translate":
       out["speed"] = None
       continue
-    if field == "pattern" and placeholder is not None and i < len(words) and words[i] == placeholder:
-      out.update(pattern=None, colour=None, subject=placeholder)
-      i += 1
-      continue
-    if field == "colour" and "subject" in out:
+    if field == "pattern":
+      if placeholder is not None and i < len(words) and words[i] == placeholder:  # appearance: the token
+        out.update(pattern=None, colour=None, subject=placeholder)
+        i += 1
+        continue
+      if _match(table["pattern"], words, i) is None and _match(table["shape"], words, i) is not None:
+        out.update(pattern=None, colour=None)  # appearance left to a reference image
+        continue
+    if field == "colour" and out["pattern"] is None:
       continue
     m = _match(table[field], words, i)
-    if m is None and field == "pattern" and _match(table["shape"], words, i) is not None:
-      out.update(pattern=None, colour=None)  # appearance left to a reference image
-      continue
-    if m is None and field == "colour" and out.get("pattern") is None and "pattern" in out:
-      continue
     if m is None:
       raise ValueError(f"no {field} at word {i} of {text!r}")
     out[field], i = m
