@@ -45,8 +45,10 @@ def test_claim_commands_on_a_tiny_model(converted, tmp_path):
   lora = lora_file(converted, tmp_path / "lora.safetensors")
   common = ["--model", converted, "--subjects", "9,2", "--num-prompts", "1", "--seeds", "0", "--steps", "2",
             "--batch", "2", "--size", "32", "--frames", "4"]
-  assert claims.main(["zero-shot", "--girl", converted, "--lora", lora, *common,
+  assert claims.main(["zero-shot", "--girl", converted, "--lora", lora, *common, "--save-videos",
                       "--out", str(tmp_path / "zs")]) == 0
+  sidecar = json.loads((tmp_path / "zs_videos" / "row1" / "video_0000.json").read_text())
+  assert "<new1> star" in sidecar["prompt"] and "<new1>" not in sidecar["caption"]
   result = json.loads((tmp_path / "zs.json").read_text())
   assert [r["condition"]["form"] for r in result["runs"]] == ["reference", "token", "text"]
   for run in result["runs"]:

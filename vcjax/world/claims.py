@@ -96,10 +96,12 @@ def prompt_text(world: WorldConfig, attrs, form: str) -> str:
 
 def run_condition(cond: Condition, world: WorldConfig, subjects: Sequence[int], *, num_prompts: int,
                   seeds: Sequence[int], steps: int, guidance_scale: float, batch: int, probe_model,
-                  moving_only: bool = False, log=print, pipes: dict | None = None) -> dict:
+                  moving_only: bool = False, log=print, pipes: dict | None = None,
+                  save_videos: str | None = None) -> dict:
   """Sample and score one condition -> {"condition", "result" (evaluate.evaluate's), "seconds"}. pipes:
   pipelines by (model, lora), kept between the conditions of a table (one load and compile for all the
-  schedules of one LoRA: the scales are an argument of the compiled loop)."""
+  schedules of one LoRA: the scales are an argument of the compiled loop). save_videos: a folder for this
+  condition's videos (mp4 + JSON sidecar with the prompt and the caption scored against)."""
   from vcjax.methods.customcrafter.schedule import lora_scales, skipped_steps
   from vcjax.pipeline import VideoPipeline
   t0 = time.time()
@@ -127,7 +129,7 @@ def run_condition(cond: Condition, world: WorldConfig, subjects: Sequence[int], 
       height=world.size, width=world.size, batch=batch, log=log,
       references=refs if cond.form == "reference" else None, **kwargs)
   videos = (dict(v, caption=full[v["index"]]) for v in videos)
-  result = world_eval.evaluate(videos, probe_model, world)
+  result = world_eval.evaluate(videos, probe_model, world, save_videos=save_videos)
   return {"condition": dataclasses.asdict(cond), "result": result, "seconds": round(time.time() - t0, 1)}
 
 
@@ -198,6 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   ap.add_argument("--size", type=int, default=64, help="frame side (the world models': 64)")
   ap.add_argument("--frames", type=int, default=16)
   ap.add_argument("--out", required=True, help="OUT.json and OUT.md are written")
+  ap.add_argument("--save-videos", action="store_true", help="also write each row's videos to OUT_videos/ROW/")
   args = ap.parse_args(argv)
   missing = [f"--{n.replace('_', '-')}" for n in NEEDS[args.claim] if not getattr(args, n)]
   if missing:
@@ -210,9 +213,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows, moving = conditions_for(args.claim, args)
     probe_model = probe.load_probe(args.probe)
     log, pipes = (lambda s: print(s, file=sys.stderr)), {}
+    folder = lambda i: os.path.join(args.out + "_videos", f"row{i}") if args.save_videos else None
     runs = [run_condition(c, world, subjects, num_prompts=args.num_prompts, seeds=seeds, steps=args.steps,
                           guidance_scale=args.guidance_scale, batch=args.batch, probe_model=probe_model,
-                          moving_only=moving, log=log, pipes=pipes) for c in rows]
+                          moving_only=moving, log=log, pipes=pipes, save_videos=folder(i))
+            for i, c in enumerate(rows)]
   except (ValueError, OSError) as e:
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     return 1

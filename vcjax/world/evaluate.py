@@ -268,7 +268,8 @@ def _save(folder: str, i: int, video: dict) -> str:
   from vcjax import media
   path = media.write_video(os.path.join(folder, f"video_{i:04d}.mp4"), video["frames"])
   with open(os.path.splitext(path)[0] + ".json", "w") as f:
-    json.dump(dict(prompt=video["prompt"], seed=video["seed"]), f, indent=2)
+    extra = {"caption": video["caption"]} if video.get("caption") else {}  # what it was scored against
+    json.dump(dict(prompt=video["prompt"], seed=video["seed"], **extra), f, indent=2)
   return path
 
 
