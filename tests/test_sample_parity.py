@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.reference import rel_err, to_channels_last_video
+from tests.reference import rel_err
 
 pytestmark = pytest.mark.slow  # sample.py subprocesses against diffusers pipelines
 

@@ -3,7 +3,6 @@ random model, both sides given the same posterior-sample noise and the same adde
 schedulers and strengths, then sample.py (video-to-video and FreeInit) at batch 1 and 2 with 5 frames of 32x48,
 and every bad value's one-line error."""
 
-import json
 import os
 import subprocess
 import sys
