@@ -190,6 +190,7 @@ class RAFT(nnx.Module):
 
     def step(carry, _):
       net, coords1, _ = carry
+      coords1 = jax.lax.stop_gradient(coords1)  # as the original: each iteration's estimate is detached
       corr = lookup(pyramid, coords1, cfg.corr_radius)
       net, mask, delta = nnx.merge(graphdef, state)(net, inp, corr, coords1 - coords0)
       coords1 = coords1 + delta
