@@ -125,3 +125,14 @@ def test_training_steps_lower_the_loss_and_the_file_loads(tmp_path):
   from vcjax.models.raft import original_state_dict
   want, got = original_state_dict(model), original_state_dict(load_raft(path))
   assert sorted(got) == sorted(want) and all(np.array_equal(got[k], want[k]) for k in want)
+
+
+def test_cli_errors_in_one_line(tmp_path, capsys):
+  with pytest.raises(SystemExit):
+    flow.main([])  # neither --out nor --check
+  capsys.readouterr()
+  assert flow.main(["--check", str(tmp_path / "missing.safetensors")]) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: ") and "missing.safetensors" in err[0]
+  assert flow.main(["--out", str(tmp_path / "o"), "--size", "64"]) == 1
+  assert "at least 128 px" in capsys.readouterr().err

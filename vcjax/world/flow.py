@@ -42,6 +42,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from typing import Sequence
 
@@ -53,13 +54,13 @@ from flax import nnx
 
 from vcjax import compiler
 from vcjax.eval import metrics
-from vcjax.models.raft import RAFT, RAFTConfig, original_state_dict
+from vcjax.models.raft import MIN_SIZE, RAFT, RAFTConfig, original_state_dict
 from vcjax.world import clips as clips_lib
 from vcjax.world import motion, splits, truth
 from vcjax.world.config import WorldConfig
 
 WEIGHTS = "raft-world.safetensors"
-SIZE = 128  # the smallest frame RAFT's 4-level pyramid takes
+SIZE = MIN_SIZE  # the smallest frame RAFT's 4-level pyramid takes
 
 
 def true_flow(clip: clips_lib.Clip, t0: int, t1: int) -> np.ndarray:
@@ -281,13 +282,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.error("give --out (train) or --check FILE")
   from vcjax.weights import store
   from vcjax.weights.eval_models import load_raft
-  world = world_for_flow(WorldConfig(seed=args.world_seed), args.size)
+  try:
+    if args.size < MIN_SIZE or args.size % 8:
+      raise ValueError(f"--size {args.size}: RAFT needs frames of at least {MIN_SIZE} px, a multiple of 8")
+    world = world_for_flow(WorldConfig(seed=args.world_seed), args.size)
+    if args.check or args.init:
+      model = load_raft(args.check or args.init)
+  except ValueError as e:  # CheckpointError too: a missing or wrong file, a bad size
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    return 1
   if args.check:
-    model, summary = load_raft(args.check), None
+    summary = None
   else:
     previous, first_pair, init = None, 0, None
     if args.init:
-      init = load_raft(args.init)
+      init = model
       previous = store.read_config(os.path.dirname(os.path.abspath(args.init))).get("training", {})
       first_pair = int(previous.get("pairs_seen", 0))
     save = lambda m, s: save_raft(args.out, m, dict(s, previous=previous) if previous else s)
