@@ -76,6 +76,11 @@ def dino_cls(model, pixels):
   return model.cls(pixels)
 
 
+def raft_flow(model, image1, image2):
+  """RAFT, frame pairs `(B, H, W, 3)` in [0, 255] (H, W multiples of 8) -> flow `(B, H, W, 2)`, 20 iterations."""
+  return model(image1.astype(jnp.float32), image2.astype(jnp.float32), iters=20)
+
+
 def raft_flow_top5(model, image1, image2, iters: int = 20):
   """RAFT on frame pairs `(B, H, W, 3)` in [0, 255]: pad as the original InputPadder, flow, and the mean of
   the top 5% flow magnitudes over the padded frame (the authors' score) -> `(B,)`."""

@@ -190,18 +190,6 @@ def save_raft(folder: str, model: RAFT, training: dict | None = None) -> str:
 # ------------------------------------------------------------------------------------------ the check
 
 
-@compiler.jit(static_argnums=(0, 1))
-def _flow(graphdef, iters, params, image1, image2):
-  return nnx.merge(graphdef, params)(image1, image2, iters=iters)
-
-
-def measure(model: RAFT, image1: np.ndarray, image2: np.ndarray, iters: int = 20) -> np.ndarray:
-  """RAFT flow of `(N, S, S, 3)` pairs in [0, 255] -> `(N, S, S, 2)`."""
-  graphdef, params = nnx.split(model)
-  return np.asarray(_flow(graphdef, iters, params, jnp.asarray(image1, jnp.float32),
-                          jnp.asarray(image2, jnp.float32)))
-
-
 def score_clip(world: WorldConfig, clip: clips_lib.Clip, pred: np.ndarray) -> dict:
   """One clip's row of the check: `pred (F-1, S, S, 2)`, the measured flow of its consecutive pairs."""
   f = clip.frames.shape[0]
@@ -243,19 +231,19 @@ def summarize(world: WorldConfig, rows: Sequence[dict]) -> dict:
                                                 if r["true_top5"] > 0.5] or [np.nan]))}
 
 
-def check(model: RAFT, world: WorldConfig, *, clips: int = 16, iters: int = 20, stream: str = "flow-check",
-          log=None) -> dict:
-  """Measured vs true flow on every consecutive pair of `clips` clips of `stream` (see the module doc):
-  the summary table plus its per-clip rows ("videos")."""
+def check(model: RAFT, world: WorldConfig, *, clips: int = 16, stream: str = "flow-check", log=None) -> dict:
+  """Measured (20 iterations, every local device) vs true flow on every consecutive pair of `clips` clips of
+  `stream` (see the module doc): the summary table plus its per-clip rows ("videos")."""
+  from vcjax.eval.engine import Runner, raft_flow
   log = log or (lambda s: None)
-  rows = []
+  runner, rows = Runner(model), []
   for i in range(clips):
     clip = clips_lib.render(world, _draw(world, i, stream))
-    rows.append(score_clip(world, clip, measure(model, clip.frames[:-1], clip.frames[1:], iters)))
+    rows.append(score_clip(world, clip, runner.map(raft_flow, clip.frames[:-1], clip.frames[1:])))
     r = rows[-1]
     log(f"clip {i + 1}/{clips} {r['motion']:<10} epe {r['epe']:.3f} (sprite {r['epe_sprite']:.2f})  "
         f"top5 {r['top5']:.2f} vs {r['true_top5']:.2f}")
-  return dict(summarize(world, rows), iters=iters, stream=stream, videos=rows)
+  return dict(summarize(world, rows), iters=20, stream=stream, videos=rows)
 
 
 # ------------------------------------------------------------------------------------------ CLI
