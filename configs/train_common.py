@@ -30,6 +30,7 @@ def loop_config() -> ml_collections.ConfigDict:
   # AttentionConfig fields, e.g. "chunked,chunk_bytes=8388608" (vcjax.nn.attention).
   c.attention = "auto"
   c.beta_schedule, c.beta_start, c.beta_end = "linear", 0.00085, 0.012  # AnimateDiff's DDPM schedule
+  c.prediction_type = "epsilon"  # or "v_prediction": the training target; exported with the scheduler config
   # scale_lr: learning_rate is per example and multiplied by the global batch_size (the authors' LVDM rule).
   # grad_clip: global norm, <= 0 off.
   c.optimizer = ml_collections.ConfigDict(dict(learning_rate=1e-5, scale_lr=False, weight_decay=1e-2, b1=0.9,

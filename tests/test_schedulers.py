@@ -254,3 +254,18 @@ def test_step_errors():
     S.make_scheduler("heun", cfg, 10)
   with pytest.raises(ValueError):
     S.ddim_timesteps(cfg, 0)
+
+
+@pytest.mark.parametrize("prediction_type", S.PREDICTION_TYPES)
+def test_training_target_is_what_diffusers_training_scripts_regress(prediction_type):
+  """diffusers' train scripts: target = noise (epsilon), scheduler.get_velocity (v), latents (sample)."""
+  cfg = S.SchedulerConfig(beta_start=0.0001, beta_end=0.02, prediction_type=prediction_type)
+  d = make_ddim(cfg, 25)
+  t = np.array([0, 321, 999], np.int64)
+  x0 = _rng.standard_normal((3, 2, 4, 4, 2)).astype(np.float32)
+  noise = _rng.standard_normal(x0.shape).astype(np.float32)
+  want = {"epsilon": noise, "sample": x0,
+          "v_prediction": d.get_velocity(torch.from_numpy(x0), torch.from_numpy(noise),
+                                         torch.from_numpy(t)).numpy()}[prediction_type]
+  err = rel(S.training_target(cfg, x0, noise, t), want)
+  assert err <= 1e-6, err

@@ -284,3 +284,26 @@ def test_t2v_stage_resumes_bit_exactly_and_samples(vae_model, world_data, tmp_pa
   out = pipe.generate(["a red star moving left over grass"], seeds=[0], num_frames=3, height=32, width=32,
                       steps=2, guidance_scale=2.0)
   assert out.frames.shape == (1, 3, 32, 32, 3) and np.isfinite(out.latents).all()
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_t2v_objective_regresses_the_prediction_types_target(prediction_type):
+  """With a UNet that outputs 0 the loss is the target's mean square: noise for eps, v for v-prediction;
+  the exported scheduler config says which (so sampling reads the output the same way)."""
+  import types
+  from vcjax.diffusion.schedulers import get_velocity
+  from vcjax.train.objectives.text_to_video import scheduler_json
+  cfg = t2v_config()
+  cfg.beta_start, cfg.beta_end, cfg.prediction_type = 0.0001, 0.02, prediction_type
+  task = TextToVideoTask.from_config(cfg)
+  model = types.SimpleNamespace(text_encoder=lambda ids: jnp.zeros(ids.shape + (8,)),
+                                unet=lambda x, t, c: jnp.zeros_like(x))
+  rng = np.random.default_rng(0)
+  latents, noise = (jnp.asarray(rng.standard_normal((2, 3, 4, 5, 4)), jnp.float32) for _ in range(2))
+  t = jnp.array([10, 990])
+  loss, _ = task.objective(model, latents, jnp.zeros((2, 6), jnp.int32), noise, t)
+  target = noise if prediction_type == "epsilon" else get_velocity(task.hp.scheduler, latents, noise, t)
+  np.testing.assert_allclose(float(loss), float(jnp.mean(jnp.square(target))), rtol=1e-6)
+  if prediction_type == "v_prediction":  # at t = 990 v is mostly -x0: not the noise
+    assert abs(float(loss) - float(jnp.mean(jnp.square(noise)))) > 0.05
+  assert scheduler_json(task.hp.scheduler)["prediction_type"] == prediction_type

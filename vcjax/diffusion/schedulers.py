@@ -170,6 +170,16 @@ def get_velocity(config: SchedulerConfig, x0, noise, t):
           - _gather_bcast(sqrt_1m, t, x0.ndim, x0.dtype) * x0)
 
 
+def training_target(config: SchedulerConfig, x0, noise, t):
+  """What the model learns to output at timestep t, per config.prediction_type (diffusers' training scripts):
+  epsilon -> noise; v_prediction -> get_velocity; sample -> x0. Shapes as add_noise."""
+  if config.prediction_type == "epsilon":
+    return noise
+  if config.prediction_type == "v_prediction":
+    return get_velocity(config, x0, noise, t)
+  return jnp.asarray(x0)
+
+
 def snr(config: SchedulerConfig, t) -> jax.Array:
   """Signal-to-noise ratio alpha_bar_t / (1 - alpha_bar_t), float32, shape of t (for Min-SNR weights)."""
   return jnp.asarray(_noise_tables(config)[2])[jnp.asarray(t)]

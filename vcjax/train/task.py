@@ -81,10 +81,14 @@ class DiffusionHParams:
   beta_schedule: str = "linear"  # AnimateDiff's DDPM schedule
   beta_start: float = 0.00085
   beta_end: float = 0.012
+  # The model's output: "epsilon" (AnimateDiff, SD1.5) or "v_prediction" (SD2-v; weights the x0 error at
+  # high noise, where the eps loss gives the layout almost no gradient). Exported scheduler configs carry it.
+  prediction_type: str = "epsilon"
 
   @property
   def scheduler(self) -> SchedulerConfig:
-    return SchedulerConfig(beta_schedule=self.beta_schedule, beta_start=self.beta_start, beta_end=self.beta_end)
+    return SchedulerConfig(beta_schedule=self.beta_schedule, beta_start=self.beta_start, beta_end=self.beta_end,
+                           prediction_type=self.prediction_type)
 
 
 def task_class(name: str) -> type[Task]:

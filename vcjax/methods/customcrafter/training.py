@@ -22,7 +22,7 @@ from flax import nnx
 
 from vcjax.diffusion import losses
 from vcjax.methods.customcrafter import LORA_TARGETS
-from vcjax.diffusion.schedulers import add_noise
+from vcjax.diffusion.schedulers import add_noise, training_target
 from vcjax.models.tokenizer import tokenize
 from vcjax.models.trainable_tokens import add_placeholder_token, add_trainable_tokens
 from vcjax.nn import lora
@@ -74,7 +74,8 @@ class SubjectTask(Task):
     context = model.text_encoder(input_ids)
     noisy = add_noise(self.hp.scheduler, latents, noise, timesteps)
     eps = model.unet(noisy, timesteps, context)
-    per = losses.masked_error(eps, noise, mask, kind=self.hp.loss_kind)
+    target = training_target(self.hp.scheduler, latents, noise, timesteps)
+    per = losses.masked_error(eps, target, mask, kind=self.hp.loss_kind)
     total, inst, prior = losses.prior_preservation_loss(per, is_prior, self.hp.prior_loss_weight)
     return total, {"loss_instance": inst, "loss_prior": prior}
 

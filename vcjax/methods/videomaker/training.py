@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from vcjax.diffusion import losses
-from vcjax.diffusion.schedulers import add_noise, snr
+from vcjax.diffusion.schedulers import add_noise, snr, training_target
 from vcjax.methods.videomaker.reference import unet_with_reference
 from vcjax.models.tokenizer import tokenize
 from vcjax.train.data import SyntheticSource, video_clip_loader
@@ -84,7 +84,9 @@ class GirlTask(Task):
     ref_noisy = add_noise(sched, reference, ref_noise, t_ref)
     eps, eps_ref = unet_with_reference(model.unet, noisy, ref_noisy, timesteps, context, return_reference=True)
     gamma = hp.min_snr_gamma if hp.min_snr_gamma > 0 else None
-    total, l_video, l_ref = losses.girl_loss(eps, noise, eps_ref, ref_noise, snr(sched, timesteps), gamma=gamma,
+    target = training_target(sched, latents, noise, timesteps)  # noise itself for eps prediction
+    ref_target = training_target(sched, reference, ref_noise, t_ref)
+    total, l_video, l_ref = losses.girl_loss(eps, target, eps_ref, ref_target, snr(sched, timesteps), gamma=gamma,
                                              ref_weight=hp.ref_loss_weight, prediction_type=sched.prediction_type)
     return total, {"loss_video": l_video, "loss_ref": l_ref}
 

@@ -1,4 +1,4 @@
-"""AnimateDiff's text-to-video objective: task "t2v" of train.py (eps prediction on video latents).
+"""AnimateDiff's text-to-video objective: task "t2v" of train.py (eps or v prediction on video latents).
 
 The UNet3D (spatial layers and motion modules; a fresh one has zero-initialised motion proj_out, so it
 starts as an image model) is trained from scratch (config.unet: an architecture) or further (config.model:
@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from vcjax.diffusion import losses
-from vcjax.diffusion.schedulers import SchedulerConfig, add_noise, snr
+from vcjax.diffusion.schedulers import SchedulerConfig, add_noise, snr, training_target
 from vcjax.models.configs import reconfigure
 from vcjax.models.tokenizer import check_length, load_tokenizer, tokenize
 from vcjax.train.data import SyntheticSource, video_clip_loader
@@ -97,13 +97,15 @@ class TextToVideoTask(Task):
     return Built(model, t2v_trainable(hp.train_spatial, hp.train_motion, hp.train_text_encoder), tokenizer, info)
 
   def objective(self, model, latents, input_ids, noise, timesteps):
-    """Deterministic part. latents/noise `(B, F, h, w, 4)`, input_ids `(B, T)`, timesteps `(B,)`."""
+    """Deterministic part. latents/noise `(B, F, h, w, 4)`, input_ids `(B, T)`, timesteps `(B,)`. The
+    target follows the schedule's prediction_type (eps by default)."""
     hp, sched = self.hp, self.hp.scheduler
     context = model.text_encoder(input_ids)
     if not hp.train_text_encoder:
       context = jax.lax.stop_gradient(context)
-    eps = model.unet(add_noise(sched, latents, noise, timesteps), timesteps, context)
-    per = jnp.square(eps.astype(jnp.float32) - noise).reshape(latents.shape[0], -1).mean(-1)
+    out = model.unet(add_noise(sched, latents, noise, timesteps), timesteps, context)
+    target = training_target(sched, latents, noise, timesteps)
+    per = jnp.square(out.astype(jnp.float32) - target).reshape(latents.shape[0], -1).mean(-1)
     if hp.min_snr_gamma > 0:
       per = per * losses.min_snr_weight(snr(sched, timesteps), hp.min_snr_gamma, sched.prediction_type)
     return per.mean(), {}
