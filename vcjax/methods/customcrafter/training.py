@@ -73,9 +73,9 @@ class SubjectTask(Task):
     input_ids `(B, T)`, is_prior `(B,)`, timesteps `(B,)` int. -> (loss, aux metrics)."""
     context = model.text_encoder(input_ids)
     noisy = add_noise(self.hp.scheduler, latents, noise, timesteps)
-    eps = model.unet(noisy, timesteps, context)
+    out = model.unet(noisy, timesteps, context)  # eps or v, per the schedule's prediction_type
     target = training_target(self.hp.scheduler, latents, noise, timesteps)
-    per = losses.masked_error(eps, target, mask, kind=self.hp.loss_kind)
+    per = losses.masked_error(out, target, mask, kind=self.hp.loss_kind)
     total, inst, prior = losses.prior_preservation_loss(per, is_prior, self.hp.prior_loss_weight)
     return total, {"loss_instance": inst, "loss_prior": prior}
 

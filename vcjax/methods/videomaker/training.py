@@ -82,11 +82,11 @@ class GirlTask(Task):
     noisy = add_noise(sched, latents, noise, timesteps)
     t_ref = timesteps // hp.remind_divisor  # int(0.01 t) for the default divisor 100
     ref_noisy = add_noise(sched, reference, ref_noise, t_ref)
-    eps, eps_ref = unet_with_reference(model.unet, noisy, ref_noisy, timesteps, context, return_reference=True)
+    out, out_ref = unet_with_reference(model.unet, noisy, ref_noisy, timesteps, context, return_reference=True)
     gamma = hp.min_snr_gamma if hp.min_snr_gamma > 0 else None
     target = training_target(sched, latents, noise, timesteps)  # noise itself for eps prediction
     ref_target = training_target(sched, reference, ref_noise, t_ref)
-    total, l_video, l_ref = losses.girl_loss(eps, target, eps_ref, ref_target, snr(sched, timesteps), gamma=gamma,
+    total, l_video, l_ref = losses.girl_loss(out, target, out_ref, ref_target, snr(sched, timesteps), gamma=gamma,
                                              ref_weight=hp.ref_loss_weight, prediction_type=sched.prediction_type)
     return total, {"loss_video": l_video, "loss_ref": l_ref}
 
