@@ -8,17 +8,21 @@
 The clips' captions leave the sprite's pattern and colour out ("a big star moving left over grass"), so
 the reference (a separate still render of the same sprite, SHP-cut onto white) is the only place they are
 shown: what GIRL must learn to read. Everything else is the paper's objective (configs/train_girl.py):
-PISA + remind noise, Min-SNR(5) eps loss + 0.1 x reference loss, 5% / 5% / 5% condition dropout, trainable
-attn1 and the motion modules ("Update Motion": --config.train_motion=False turns it off). The learning rate
-is 10x the paper's: a 6M-parameter model and a run of minutes, not SD1.5 and 100k steps.
+PISA + remind noise, Min-SNR(5) loss + 0.1 x reference loss, 5% / 5% / 5% condition dropout, trainable
+attn1 and the motion modules ("Update Motion": --config.train_motion=False turns it off), with the world
+model's betas and v-prediction target instead of SD's eps. The learning rate is 10x the paper's: a
+6M-parameter model and a run of minutes, not SD1.5 and 100k steps.
 """
 
 from configs.train_common import default_config
+from configs.world_t2v import WORLD_BETAS, WORLD_PREDICTION
 
 
 def get_config():
   c = default_config("girl")
   c.model = "models/world"
+  c.beta_start, c.beta_end = WORLD_BETAS  # the base's schedule and target (models/world/scheduler)
+  c.prediction_type = WORLD_PREDICTION
   c.resolution = 64
   c.num_frames = 16
   c.batch_size = 4

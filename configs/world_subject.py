@@ -19,11 +19,14 @@ crescent), and a learning rate sized to a run of minutes.
 """
 
 from configs.train_common import default_config
+from configs.world_t2v import WORLD_BETAS, WORLD_PREDICTION
 
 
 def get_config():
   c = default_config("subject")
   c.model = "models/world"
+  c.beta_start, c.beta_end = WORLD_BETAS  # the base's schedule and target (models/world/scheduler)
+  c.prediction_type = WORLD_PREDICTION
   c.resolution = 64
   c.num_frames = 4
   c.batch_size = 4  # subject and class images alternate: 2 + 2

@@ -42,6 +42,11 @@ TEXT = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_att
             max_position_embeddings=24, hidden_act="quick_gelu")
 
 
+# The world model's training schedule; the GIRL and subject configs fine-tune it with the same (train.py refuses
+# a fine-tune whose betas or target differ from the base folder's scheduler config).
+WORLD_BETAS = (0.0001, 0.02)
+WORLD_PREDICTION = "v_prediction"
+
 VARIANTS = ("", "continue", "images", "motion")
 
 
@@ -55,12 +60,12 @@ def get_config(variant: str = ""):
   # SD-betas run at step 1400 (16 prompts): sampled from noise with each frame's mean removed, background
   # accuracy 0.5 -> 1.0 and the scene stopped changing from frame to frame. Here alpha_bar_T is 4e-5
   # (0.6% of the signal); the exported scheduler config carries these betas to the sampler.
-  c.beta_start, c.beta_end = 0.0001, 0.02
+  c.beta_start, c.beta_end = WORLD_BETAS
   # v-prediction, not eps: eps's loss gives the x0 error at high noise (where background, colour and layout are
   # decided) almost no weight. Measured (session 8, 16 prompts): eps after 4400 steps, at chance (background
   # 0.06, its x0 error at t >= 750 worse than predicting zero); the same model after 400 more steps with v,
   # background 0.69, colour 0.44, temporal consistency 0.914 -> 0.962.
-  c.prediction_type = "v_prediction"
+  c.prediction_type = WORLD_PREDICTION
   c.resolution = 64
   c.num_frames = 16
   fresh = variant in ("", "images")  # continue / motion: both from config.model (empty = load)

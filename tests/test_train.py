@@ -3,7 +3,9 @@ remat), data-parallel + FSDP steps on 8 simulated devices vs one device, TensorB
 train.py's command line. (Resume / SIGTERM / NaN: test_train_resume.py; gradients vs PyTorch:
 test_grad_parity.py.)"""
 
+import json
 import os
+import shutil
 import struct
 
 import jax
@@ -316,3 +318,26 @@ def test_tasks_by_name_or_dotted_path():
   del cfg["ref_loss_weight"]  # a hyper-parameter without a default must come from the config
   with pytest.raises(ValueError, match="ref_loss_weight"):
     GirlTask.from_config(cfg)
+
+
+@pytest.mark.parametrize("task_name", ["girl", "subject"])
+def test_fine_tuning_refuses_another_schedule_than_the_base(converted, tmp_path, task_name):
+  """girl / subject export no scheduler (their weights are sampled with the base's), so a config that trains
+  another target or beta range than the base's scheduler config says is refused, naming the overrides."""
+  from vcjax.train.task import task_class
+  base = str(tmp_path / "base")
+  shutil.copytree(converted, base)
+  sched_path = os.path.join(base, "scheduler", "scheduler_config.json")
+  with open(sched_path) as f:
+    sched = json.load(f)
+  sched.update(beta_start=0.0001, beta_end=0.02, prediction_type="v_prediction")
+  with open(sched_path, "w") as f:
+    json.dump(sched, f)
+  cfg = default_config(task_name)
+  cfg.model = base
+  cls = task_class(task_name)
+  with pytest.raises(ValueError, match=r"prediction_type='v_prediction'.*beta_start=0\.0001.*beta_end=0\.02"):
+    cls.from_config(cfg).build(cfg, rngs=nnx.Rngs(0))
+  cfg.beta_start, cfg.beta_end, cfg.prediction_type = 0.0001, 0.02, "v_prediction"
+  built = cls.from_config(cfg).build(cfg, rngs=nnx.Rngs(0))
+  assert built.model.unet is not None

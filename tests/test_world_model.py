@@ -232,7 +232,7 @@ def test_world_t2v_config_variants():
 
 def test_world_customization_configs():
   """E2's configs: the world's sizes, their tasks' hyper-parameters, world-grammar captions for the LoRA."""
-  from configs import world_girl, world_subject
+  from configs import world_girl, world_subject, world_t2v
   from vcjax.train.task import get_task
   girl, subject = world_girl.get_config(), world_subject.get_config()
   assert (girl.resolution, girl.num_frames, subject.resolution) == (64, 16, 64)
@@ -240,6 +240,10 @@ def test_world_customization_configs():
   assert g.hp.train_motion and g.hp.min_snr_gamma == 5.0 and g.hp.ref_loss_weight == 0.1
   assert s.hp.lora_rank == 4 and s.hp.class_word == "star" and s.hp.new_token == "<new1>"
   assert subject.augment == "none" and subject.use_captions
+  # Both fine-tune the world model with its own schedule and target (train.py refuses a mismatch).
+  t2v = world_t2v.get_config()
+  for c in (girl, subject):
+    assert (c.beta_start, c.beta_end, c.prediction_type) == (t2v.beta_start, t2v.beta_end, "v_prediction")
 
 
 @pytest.mark.slow  # > 15 s on 2 CPU cores

@@ -90,6 +90,23 @@ class DiffusionHParams:
     return SchedulerConfig(beta_schedule=self.beta_schedule, beta_start=self.beta_start, beta_end=self.beta_end,
                            prediction_type=self.prediction_type)
 
+  def check_matches_base(self, model_dir: str, task: str) -> None:
+    """Fine-tuning objectives (girl, subject) export no scheduler: their weights are sampled with the base
+    folder's `scheduler/scheduler_config.json`. Training another target or another beta range than the base
+    was trained with makes a model that samples wrong, so refuse it here, naming the overrides. The beta
+    *schedule* may differ: AnimateDiff trains "linear" over SD's range while SD folders say "scaled_linear"."""
+    from vcjax.loading import load_scheduler_config
+    base = load_scheduler_config(model_dir)
+    if base is None:
+      return
+    wrong = [f"--config.{key}={base[key]!r} (config has {getattr(self, key)!r})"
+             for key in ("prediction_type", "beta_start", "beta_end")
+             if key in base and base[key] != getattr(self, key)]
+    if wrong:
+      raise ValueError(f"task {task}: {model_dir}/scheduler/scheduler_config.json was trained with another "
+                       f"schedule than this config; the fine-tuned weights are sampled with the base's, so set "
+                       + ", ".join(wrong))
+
 
 def task_class(name: str) -> type[Task]:
   """A registered short name, or "package.module:Class"."""

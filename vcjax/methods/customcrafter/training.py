@@ -54,6 +54,7 @@ class SubjectTask(Task):
 
   def build(self, cfg, *, rngs: nnx.Rngs) -> Built:
     model, tokenizer = load_for_training(cfg)
+    self.hp.check_matches_base(cfg.model, self.name)
     trainable, info = self.setup(model, tokenizer, rngs=rngs)
     return Built(model, trainable, tokenizer, info)
 

@@ -73,6 +73,7 @@ class GirlTask(Task):
   def build(self, cfg, *, rngs: nnx.Rngs) -> Built:
     del rngs  # nothing is initialised: GIRL fine-tunes existing weights
     model, tokenizer = load_for_training(cfg)
+    self.hp.check_matches_base(cfg.model, self.name)
     return Built(model, girl_trainable(self.hp.train_motion), tokenizer, {})
 
   def objective(self, model, latents, reference, context, noise, ref_noise, timesteps):
