@@ -311,3 +311,31 @@ def test_t2v_objective_regresses_the_prediction_types_target(prediction_type):
   if prediction_type == "v_prediction":  # at t = 990 v is mostly -x0: not the noise
     assert abs(float(loss) - float(jnp.mean(jnp.square(noise)))) > 0.05
   assert scheduler_json(task.hp.scheduler)["prediction_type"] == prediction_type
+
+
+@pytest.mark.slow  # ~20-40 s on 2 CPU cores: the shipped model, 25 steps, 16 frames
+def test_sample_py_without_arguments_samples_the_shipped_world_model(tmp_path):
+  """README command (1): `python sample.py` on the model in models/world/ writes an mp4, a gif and the JSON
+  sidecar, and the world's probe reads the default prompt's background and colour in the video."""
+  import subprocess
+  import sys
+  import imageio.v3 as iio
+  from configs import sample_world
+  from vcjax.world import probe
+  from vcjax.world.evaluate import score_video
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, XLA_FLAGS="")
+  proc = subprocess.run([sys.executable, os.path.join(root, "sample.py")], cwd=tmp_path, env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  out = tmp_path / "outputs"
+  assert sorted(os.listdir(out)) == ["world.gif", "world.json", "world.mp4"]
+  with open(out / "world.json") as f:
+    sidecar = json.load(f)
+  prompt = sample_world.get_config().prompt
+  assert prompt in json.dumps(sidecar) and sidecar["config"]["model"] == sample_world.MODEL
+  video = iio.imread(out / "world.mp4")
+  assert video.shape == (16, 64, 64, 3) and iio.imread(out / "world.gif").shape == (16, 64, 64, 3)
+  row = score_video(probe.load_probe(), WorldConfig(), prompt, video)
+  assert row["correct"]["background"] and row["correct"]["colour"], row["read"]
+  assert row["subject_visible"] == 1.0
