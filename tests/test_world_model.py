@@ -280,11 +280,15 @@ def test_t2v_objective_step_lowers_the_loss(vae_model, world_data):
 @pytest.mark.slow
 def test_t2v_stage_resumes_bit_exactly_and_samples(vae_model, world_data, tmp_path):
   from vcjax.pipeline import VideoPipeline
-  _resumes_bit_exactly(_tiny_t2v_cfg(vae_model, world_data), tmp_path)
-  # The exported folder is a complete model for the ordinary pipeline, with the training betas.
+  cfg = _tiny_t2v_cfg(vae_model, world_data)
+  cfg.beta_start, cfg.beta_end, cfg.prediction_type = 0.0001, 0.02, "v_prediction"  # configs/world_t2v.py's
+  _resumes_bit_exactly(cfg, tmp_path)
+  # The exported folder is a complete model for the ordinary pipeline, with the training betas and target.
   model = str(tmp_path / "straight" / "final" / "model")
   pipe = VideoPipeline.from_pretrained(model)
-  assert pipe.scheduler_settings().beta_schedule == "linear" and pipe.vae_scale == 2
+  settings = pipe.scheduler_settings()
+  assert (settings.beta_schedule, settings.beta_start, settings.beta_end, settings.prediction_type) == (
+      "linear", 0.0001, 0.02, "v_prediction") and pipe.vae_scale == 2
   out = pipe.generate(["a red star moving left over grass"], seeds=[0], num_frames=3, height=32, width=32,
                       steps=2, guidance_scale=2.0)
   assert out.frames.shape == (1, 3, 32, 32, 3) and np.isfinite(out.latents).all()
