@@ -32,9 +32,12 @@ def loop_config() -> ml_collections.ConfigDict:
   c.beta_schedule, c.beta_start, c.beta_end = "linear", 0.00085, 0.012  # AnimateDiff's DDPM schedule
   c.prediction_type = "epsilon"  # or "v_prediction": the training target; exported with the scheduler config
   # scale_lr: learning_rate is per example and multiplied by the global batch_size (the authors' LVDM rule).
-  # grad_clip: global norm, <= 0 off.
+  # grad_clip: global norm, <= 0 off. ema_decay > 0: also keep an EMA of the trained parameters (checkpointed
+  # with the optimizer) and export it instead of the last values (diffusers' --use_ema); 0: off. export_ema
+  # False exports the last values of a run that keeps an EMA (to compare the two from one checkpoint).
   c.optimizer = ml_collections.ConfigDict(dict(learning_rate=1e-5, scale_lr=False, weight_decay=1e-2, b1=0.9,
-                                               b2=0.999, eps=1e-8, grad_clip=1.0, warmup_steps=0))
+                                               b2=0.999, eps=1e-8, grad_clip=1.0, warmup_steps=0, ema_decay=0.0,
+                                               export_ema=True))
   c.data = ml_collections.ConfigDict(dict(kind="folder", dir="", dataset="", num_threads=4, worker_count=0,
                                           num_examples=8))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, sequence=1, param_sharding="replicate"))

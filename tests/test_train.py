@@ -211,6 +211,49 @@ def test_data_parallel_and_fsdp_match_one_device(converted):
   assert len(set(r["one"])) == 3
 
 
+class _Affine(nnx.Module):
+  def __init__(self, rngs):
+    self.w = nnx.Param(jax.random.normal(rngs.params(), (64, 64)))  # 4096 elements: fsdp shards it
+    self.b = nnx.Param(jnp.zeros((64,)))
+
+
+def test_parameter_ema_matches_diffusers_ema_model():
+  """optimizer.ema_decay: the EMA kept in the optimizer state (parameters sharded over 8 devices, fsdp)
+  equals diffusers' EMAModel stepped with the same parameters after every update, warmup rule included."""
+  import torch
+  from diffusers.training_utils import EMAModel
+  from vcjax.train.state import ema_params
+
+  def loss_fn(model, batch, key):
+    del key
+    return jnp.mean((batch["x"] @ model.w.value + model.b.value - batch["y"]) ** 2), {}
+
+  model = _Affine(nnx.Rngs(0))
+  init = {k: np.asarray(v) for k, v in {"w": model.w.value, "b": model.b.value}.items()}
+  mesh = parallel.make_mesh(fsdp=8)
+  tr = Trainer(model, nnx.Param, loss_fn, OptimizerConfig(learning_rate=0.05, ema_decay=0.7), mesh=mesh,
+               param_mode="fsdp")
+  params, opt = tr.init()
+  torch_params = [torch.nn.Parameter(torch.from_numpy(init[k].copy())) for k in ("w", "b")]
+  ema = EMAModel(torch_params, decay=0.7)
+  rng = np.random.default_rng(0)
+  for step in range(6):
+    batch = tr.shard_batch({"x": rng.normal(size=(8, 64)).astype(np.float32),
+                            "y": rng.normal(size=(8, 64)).astype(np.float32)})
+    params, opt, _ = tr.step(params, opt, batch, jax.random.PRNGKey(step))
+    with torch.no_grad():
+      for p, k in zip(torch_params, ("w", "b")):
+        p.copy_(torch.from_numpy(np.array(params[k])))
+    ema.step(torch_params)
+  ours = ema_params(opt)
+  assert ours["w"].sharding == params["w"].sharding and params["w"].sharding.spec != jax.sharding.PartitionSpec()
+  for k, theirs in zip(("w", "b"), ema.shadow_params):
+    assert rel_err(np.asarray(ours[k]), theirs.numpy()) < 1e-6
+  # after 6 updates the decay is min(0.7, 6 / 15) = 0.4: the EMA is not the last parameters
+  assert rel_err(np.asarray(ours["w"]), np.asarray(params["w"])) > 1e-3
+  assert ema_params(Trainer(_Affine(nnx.Rngs(0)), nnx.Param, loss_fn, OptimizerConfig(), mesh=mesh).init()[1]) is None
+
+
 def _read_events(path):
   """TFRecord framing (CRC-checked) + the scalars of each Event, decoded by hand."""
 

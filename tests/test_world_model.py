@@ -282,7 +282,9 @@ def test_t2v_stage_resumes_bit_exactly_and_samples(vae_model, world_data, tmp_pa
   from vcjax.pipeline import VideoPipeline
   cfg = _tiny_t2v_cfg(vae_model, world_data)
   cfg.beta_start, cfg.beta_end, cfg.prediction_type = 0.0001, 0.02, "v_prediction"  # configs/world_t2v.py's
+  cfg.optimizer.ema_decay = 0.9  # so is an EMA: the resumed run's EMA must come back from the checkpoint
   _resumes_bit_exactly(cfg, tmp_path)
+  assert json.load(open(tmp_path / "straight" / "final" / "info.json"))["exported"] == "ema"
   # The exported folder is a complete model for the ordinary pipeline, with the training betas and target.
   model = str(tmp_path / "straight" / "final" / "model")
   pipe = VideoPipeline.from_pretrained(model)

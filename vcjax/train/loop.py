@@ -13,7 +13,9 @@ Behaviour:
     device except when logging or saving;
   * metrics every `log_every` steps to workdir/metrics.jsonl and TensorBoard;
   * at the end, workdir/final/: the trained parameters and what the task exports (the LoRA and token
-    embedding for "subject", the diffusers UNet for "girl").
+    embedding for "subject", the diffusers UNet for "girl"); with `optimizer.ema_decay` > 0 the
+    parameters' EMA is what is exported (as diffusers' training scripts save the EMA model; unless
+    `optimizer.export_ema` is False), and info.json says which.
 
 The loop knows no method: the objective is a `vcjax.train.task.Task` named by `cfg.task`.
 """
@@ -36,7 +38,7 @@ from vcjax import compiler, parallel
 from vcjax.train.checkpoint import Checkpointer, flatten
 from vcjax.train.metrics import MetricsWriter
 from vcjax.train.models import count_remat_blocks
-from vcjax.train.state import OptimizerConfig, Trainer, step_key
+from vcjax.train.state import OptimizerConfig, Trainer, ema_params, step_key
 from vcjax.train.task import get_task
 
 
@@ -83,7 +85,8 @@ def optimizer_config(cfg) -> OptimizerConfig:
   o = cfg.optimizer
   lr = o.learning_rate * (cfg.batch_size if o.get("scale_lr", False) else 1)
   return OptimizerConfig(learning_rate=lr, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps,
-                         grad_clip=o.grad_clip, warmup_steps=o.warmup_steps)
+                         grad_clip=o.grad_clip, warmup_steps=o.warmup_steps,
+                         ema_decay=o.get("ema_decay", 0.0))
 
 
 def build(cfg, *, mesh=None):
@@ -100,15 +103,17 @@ def build(cfg, *, mesh=None):
   return trainer, task, built
 
 
-def export(trainer: Trainer, trainable, task, built, cfg, out: str) -> None:
-  """workdir/final: trainable.safetensors (vcjax paths), info.json, and the task's own files."""
+def export(trainer: Trainer, trainable, task, built, cfg, out: str, opt_state=None) -> None:
+  """workdir/final: trainable.safetensors (vcjax paths), info.json, and the task's own files; the EMA of
+  the trainable parameters instead of their last values when the optimizer state keeps one."""
   from vcjax.weights.sources import save_safetensors
   os.makedirs(out, exist_ok=True)
-  host = jax.device_get(trainable)
+  ema = ema_params(opt_state) if opt_state is not None else None
+  host = jax.device_get(trainable if ema is None else ema)
   save_safetensors({k: np.asarray(v) for k, v in flatten(host).items()}, os.path.join(out, "trainable.safetensors"))
   task.export(trainer.model(host), out, built.info, cfg)
   with open(os.path.join(out, "info.json"), "w") as f:
-    json.dump({"task": cfg.task, **built.info}, f, indent=2)
+    json.dump({"task": cfg.task, **built.info, "exported": "ema" if ema is not None else "last"}, f, indent=2)
 
 
 def run(cfg, workdir: str) -> int:
@@ -198,7 +203,8 @@ def run(cfg, workdir: str) -> int:
         handle(*pending)
     ckpt.wait()
     if jax.process_index() == 0:
-      export(trainer, trainable, task, built, cfg, os.path.join(workdir, "final"))
+      use_ema = cfg.optimizer.get("export_ema", True)
+      export(trainer, trainable, task, built, cfg, os.path.join(workdir, "final"), opt_state if use_ema else None)
     log(f"finished {num_steps} steps; final weights in {os.path.join(workdir, 'final')}")
   except NonFiniteLoss as e:
     last = state["last_good"]

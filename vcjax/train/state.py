@@ -18,9 +18,10 @@ numbers do not depend on the device count.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -38,6 +39,7 @@ class OptimizerConfig:
   eps: float = 1e-8
   grad_clip: float = 1.0  # global norm; <= 0 disables
   warmup_steps: int = 0  # linear warmup, then constant
+  ema_decay: float = 0.0  # > 0: keep an EMA of the trainable parameters (track_ema); 0: none
 
 
 def learning_rate_schedule(cfg: OptimizerConfig) -> optax.Schedule:
@@ -46,11 +48,52 @@ def learning_rate_schedule(cfg: OptimizerConfig) -> optax.Schedule:
   return optax.constant_schedule(cfg.learning_rate)
 
 
+class EmaState(NamedTuple):
+  count: jax.Array  # updates averaged so far
+  ema: Any  # like the parameters
+
+
+def track_ema(decay: float) -> optax.GradientTransformation:
+  """An exponential moving average of the parameters after each update, kept in the optimizer state.
+
+  Living in the optimizer state, the average is checkpointed, restored and sharded exactly like the
+  parameters (orbax and `optax.tree_map_params` see it as one more params-shaped slot), so resuming stays
+  bit-exact. Updates pass through unchanged: place it last in a chain. The n-th update (from 0) averages with
+  decay 0 for n = 0 and min(decay, (1 + n) / (10 + n)) after, diffusers' `EMAModel` rule without its power
+  warmup, so the average forgets the initial weights quickly and settles at `decay`.
+  """
+
+  def init(params):
+    return EmaState(count=jnp.zeros([], jnp.int32), ema=jax.tree.map(jnp.array, params))
+
+  def update(updates, state, params=None):
+    if params is None:
+      raise ValueError("track_ema needs the parameters: call update(updates, state, params)")
+    n = state.count.astype(jnp.float32)
+    d = jnp.where(state.count == 0, 0.0, jnp.minimum(decay, (1.0 + n) / (10.0 + n)))
+    new_params = optax.apply_updates(params, updates)
+    ema = jax.tree.map(lambda e, p: (e - (1.0 - d) * (e - p)).astype(e.dtype), state.ema, new_params)
+    return updates, EmaState(count=state.count + 1, ema=ema)
+
+  return optax.GradientTransformation(init, update)
+
+
+def ema_params(opt_state):
+  """The parameters' EMA kept by `track_ema` in an optimizer state, or None when the chain has none."""
+  found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, EmaState))
+           if isinstance(s, EmaState)]
+  return found[0].ema if found else None
+
+
 def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
-  """clip_by_global_norm -> AdamW (torch.optim.AdamW semantics: decoupled decay on every trainable)."""
+  """clip_by_global_norm -> AdamW (torch.optim.AdamW semantics: decoupled decay on every trainable)
+  [-> track_ema when cfg.ema_decay > 0]."""
   adamw = optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                       weight_decay=cfg.weight_decay)
-  return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw) if cfg.grad_clip > 0 else adamw
+  parts = ([optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []) + [adamw]
+  if cfg.ema_decay > 0:
+    parts.append(track_ema(cfg.ema_decay))
+  return optax.chain(*parts) if len(parts) > 1 else adamw
 
 
 def split_model(model: nnx.Module, trainable_filter) -> tuple[nnx.GraphDef, dict, dict]:
