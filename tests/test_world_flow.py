@@ -68,10 +68,33 @@ def test_batch_is_deterministic_and_labelled():
   a = flow.batch(WORLD, 10, 3)
   b = flow.batch(WORLD, 10, 3)
   assert {k: v.shape for k, v in a.items()} == {"image1": (3, 128, 128, 3), "image2": (3, 128, 128, 3),
-                                                "flow": (3, 128, 128, 2)}
+                                                "flow": (3, 128, 128, 2), "weight": (3, 128, 128)}
   for k in a:
     np.testing.assert_array_equal(a[k], b[k])
   assert not np.array_equal(a["image1"], flow.batch(WORLD, 13, 3)["image1"])
+
+
+def test_pan_pairs_move_every_pixel_by_their_flow_and_sprite_pairs_balance():
+  """A pan pair's image2 at p + flow is image1 at p (an exact integer shift, all pixels); a balanced sprite
+  pair's weights sum to 1 with half on the sprite."""
+  data = flow.batch(WORLD, 0, 16, pan_fraction=0.5, balance=True)
+  pans = [i for i in range(16) if np.all(data["flow"][i] == data["flow"][i, 0, 0]) and data["flow"][i].any()]
+  sprites = [i for i in range(16) if i not in pans]
+  assert 3 <= len(pans) <= 13 and sprites
+  for i in pans:
+    fx, fy = (int(v) for v in data["flow"][i, 0, 0])
+    assert (fx, fy) != (0, 0) and max(abs(fx), abs(fy)) <= 8
+    s = 128 - 8
+    ys, xs = slice(8, s), slice(8, s)  # p inside, so that p + flow is too
+    np.testing.assert_array_equal(data["image2"][i, 8 + fy:s + fy, 8 + fx:s + fx], data["image1"][i, ys, xs])
+    np.testing.assert_allclose(data["weight"][i], 1 / 128 ** 2)
+  for i in sprites:
+    w, moving = data["weight"][i], np.linalg.norm(data["flow"][i], axis=-1) > 0
+    np.testing.assert_allclose(w.sum(), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(w[w > w.min()].sum(), 0.5, rtol=1e-4)  # the sprite's share
+    assert w.max() > 5 * w.min() and (not moving.any() or (w[moving] == w.max()).mean() > 0.9)
+  plain = flow.batch(WORLD, 0, 16)
+  assert not any(np.all(plain["flow"][i] == plain["flow"][i, 0, 0]) and plain["flow"][i].any() for i in range(16))
 
 
 def test_sequence_loss_weights_late_iterations_most():
@@ -79,6 +102,10 @@ def test_sequence_loss_weights_late_iterations_most():
   flows, target = rng.normal(size=(3, 2, 8, 8, 2)), rng.normal(size=(2, 8, 8, 2))
   want = sum(0.8 ** (2 - i) * np.abs(flows[i] - target).mean() for i in range(3))
   np.testing.assert_allclose(float(flow.sequence_loss(flows, target)), want, rtol=1e-5)
+  weight = rng.random(size=(2, 8, 8))
+  weight /= weight.sum(axis=(1, 2), keepdims=True)
+  want = sum(0.8 ** (2 - i) * (np.abs(flows[i] - target).mean(-1) * weight).sum((1, 2)).mean() for i in range(3))
+  np.testing.assert_allclose(float(flow.sequence_loss(flows, target, weight)), want, rtol=1e-5)
 
 
 def test_score_clip_of_the_true_flow_and_of_no_flow():
