@@ -78,8 +78,8 @@ def get_config(variant: str = ""):
   c.data.dataset = "vcjax_video_clips/train"
   c.checkpoint.every = 200
   c.log_every = 20
-  # Batch 4 at lr 2e-4 leaves the weights noisy from step to step; the exported model is their EMA
-  # (horizon ~1000 steps once warm).
+  # The exported model is the weights' EMA (horizon ~1000 steps once warm). Measured (session 11, one checkpoint,
+  # 16 prompts): colour 0.81 -> 1.00, shape 0.125 -> 0.25, size 0.31 -> 0.50 over the last values.
   c.optimizer.ema_decay = 0.999
   if variant == "images":  # stage 1: the image model, on 64 single frames a step (a joint step's 4 x 16)
     c.num_frames, c.batch_size = 1, 64
