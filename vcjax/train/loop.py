@@ -103,17 +103,16 @@ def build(cfg, *, mesh=None):
   return trainer, task, built
 
 
-def export(trainer: Trainer, trainable, task, built, cfg, out: str, opt_state=None) -> None:
-  """workdir/final: trainable.safetensors (vcjax paths), info.json, and the task's own files; the EMA of
-  the trainable parameters instead of their last values when the optimizer state keeps one."""
+def export(trainer: Trainer, trainable, task, built, cfg, out: str, exported: str = "last") -> None:
+  """workdir/final: trainable.safetensors (vcjax paths), info.json, and the task's own files; `exported`
+  says in info.json which values `trainable` holds ("last", or "ema": the parameters' EMA)."""
   from vcjax.weights.sources import save_safetensors
   os.makedirs(out, exist_ok=True)
-  ema = ema_params(opt_state) if opt_state is not None else None
-  host = jax.device_get(trainable if ema is None else ema)
+  host = jax.device_get(trainable)
   save_safetensors({k: np.asarray(v) for k, v in flatten(host).items()}, os.path.join(out, "trainable.safetensors"))
   task.export(trainer.model(host), out, built.info, cfg)
   with open(os.path.join(out, "info.json"), "w") as f:
-    json.dump({"task": cfg.task, **built.info, "exported": "ema" if ema is not None else "last"}, f, indent=2)
+    json.dump({"task": cfg.task, **built.info, "exported": exported}, f, indent=2)
 
 
 def run(cfg, workdir: str) -> int:
@@ -203,8 +202,9 @@ def run(cfg, workdir: str) -> int:
         handle(*pending)
     ckpt.wait()
     if jax.process_index() == 0:
-      use_ema = cfg.optimizer.get("export_ema", True)
-      export(trainer, trainable, task, built, cfg, os.path.join(workdir, "final"), opt_state if use_ema else None)
+      ema = ema_params(opt_state) if cfg.optimizer.get("export_ema", True) else None
+      export(trainer, trainable if ema is None else ema, task, built, cfg, os.path.join(workdir, "final"),
+             "last" if ema is None else "ema")
     log(f"finished {num_steps} steps; final weights in {os.path.join(workdir, 'final')}")
   except NonFiniteLoss as e:
     last = state["last_good"]
