@@ -31,6 +31,10 @@ def loop_config() -> ml_collections.ConfigDict:
   c.attention = "auto"
   c.beta_schedule, c.beta_start, c.beta_end = "linear", 0.00085, 0.012  # AnimateDiff's DDPM schedule
   c.prediction_type = "epsilon"  # or "v_prediction": the training target; exported with the scheduler config
+  # Training timesteps: uniform ("none"), or diffusers' SDXL-trainer bias: "later" / "earlier" multiply the
+  # sampling weight of the last / first `portion` of the schedule by `multiplier`, "range" that of [begin, end).
+  c.timestep_bias_strategy, c.timestep_bias_multiplier, c.timestep_bias_portion = "none", 1.0, 0.25
+  c.timestep_bias_begin, c.timestep_bias_end = 0, 1000
   # scale_lr: learning_rate is per example and multiplied by the global batch_size (the authors' LVDM rule).
   # grad_clip: global norm, <= 0 off. ema_decay > 0: also keep an EMA of the trained parameters (checkpointed
   # with the optimizer) and export it instead of the last values (diffusers' --use_ema); 0: off. export_ema

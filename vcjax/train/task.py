@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 
 from flax import nnx
 
+from vcjax.diffusion import timestep_sampling
 from vcjax.diffusion.schedulers import SchedulerConfig
 
 TASKS = {
@@ -84,6 +85,31 @@ class DiffusionHParams:
   # The model's output: "epsilon" (AnimateDiff, SD1.5) or "v_prediction" (SD2-v; weights the x0 error at
   # high noise, where the eps loss gives the layout almost no gradient). Exported scheduler configs carry it.
   prediction_type: str = "epsilon"
+  # Which timesteps training draws (vcjax.diffusion.timestep_sampling; diffusers' SDXL trainer flags):
+  # "none" uniform; "later" / "earlier" multiply the weight of the last / first `portion` of the schedule by
+  # `multiplier`; "range" that of begin <= t < end.
+  timestep_bias_strategy: str = "none"
+  timestep_bias_multiplier: float = 1.0
+  timestep_bias_portion: float = 0.25
+  timestep_bias_begin: int = 0
+  timestep_bias_end: int = 1000
+
+  def __post_init__(self):
+    self.timestep_weights()  # a bad bias fails when the config is read, not at the first step
+
+  def timestep_weights(self):
+    """The training timesteps' sampling probabilities `(T,)`, or None for uniform."""
+    if self.timestep_bias_strategy == "none":
+      return None
+    return timestep_sampling.timestep_weights(
+        self.scheduler.num_train_timesteps, self.timestep_bias_strategy,
+        multiplier=self.timestep_bias_multiplier, portion=self.timestep_bias_portion,
+        begin=self.timestep_bias_begin, end=self.timestep_bias_end)
+
+  def sample_timesteps(self, key, batch: int):
+    """`(batch,)` training timesteps, uniform or biased as configured."""
+    return timestep_sampling.sample_timesteps(key, batch, self.scheduler.num_train_timesteps,
+                                              self.timestep_weights())
 
   @property
   def scheduler(self) -> SchedulerConfig:

@@ -88,7 +88,7 @@ class SubjectTask(Task):
       mask = repeat_frames(latent_mask(mask, latents.shape[2:4]), self.hp.num_frames)
     b = latents.shape[0]
     noise = jax.random.normal(k_noise, latents.shape, jnp.float32)
-    t = jax.random.randint(k_t, (b,), 0, self.hp.scheduler.num_train_timesteps)
+    t = self.hp.sample_timesteps(k_t, b)
     is_prior = batch.get("is_prior", jnp.zeros((b,), jnp.float32))
     return self.objective(model, latents, mask, batch["input_ids"], is_prior, noise, t)
 

@@ -104,7 +104,7 @@ class GirlTask(Task):
     reference = jnp.where(drop_ref[:, None, None, None, None], 0.0, reference)
     noise = jax.random.normal(k_noise, latents.shape, jnp.float32)
     ref_noise = jax.random.normal(k_rn, reference.shape, jnp.float32)
-    t = jax.random.randint(k_t, (b,), 0, hp.scheduler.num_train_timesteps)
+    t = hp.sample_timesteps(k_t, b)
     return self.objective(model, latents, reference, context, noise, ref_noise, t)
 
   def data(self, cfg, tokenizer, *, batch_size: int, seed: int):

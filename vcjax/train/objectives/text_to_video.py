@@ -118,7 +118,7 @@ class TextToVideoTask(Task):
     drop = jax.random.uniform(k_drop, (b,)) < self.hp.uncond_prob
     ids = jnp.where(drop[:, None], jnp.asarray(self._empty_ids, ids.dtype)[None], ids)
     noise = jax.random.normal(k_noise, latents.shape, jnp.float32)
-    t = jax.random.randint(k_t, (b,), 0, self.hp.scheduler.num_train_timesteps)
+    t = self.hp.sample_timesteps(k_t, b)
     return self.objective(model, latents, ids, noise, t)
 
   def data(self, cfg, tokenizer, *, batch_size: int, seed: int):
