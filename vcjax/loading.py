@@ -4,7 +4,7 @@ Writing a converted folder is vcjax.conversion's.
     unet = vcjax.load_unet("converted/")          # UNet3D
     vae = vcjax.load_vae("converted/")            # AutoencoderKL
     text = vcjax.load_text_encoder("converted/")  # CLIPTextModel
-    tok = vcjax.load_tokenizer("converted/")      # transformers CLIPTokenizer
+    tok = vcjax.load_tokenizer("converted/")      # CLIP tokenizer (vcjax.models.clip_bpe.ClipBPE)
 """
 
 from __future__ import annotations

@@ -1,6 +1,9 @@
-"""The CLIP BPE tokenizer (transformers' CLIPTokenizer) and prompt -> id arrays as the SD pipelines do.
+"""The CLIP BPE tokenizer and prompt -> id arrays as the SD pipelines do.
 
-transformers is a runtime dependency for this only; nothing here imports torch (ids come back as numpy).
+`load_tokenizer` gives vcjax's own ClipBPE (vcjax.models.clip_bpe: transformers' CLIPTokenizer's ids, without
+importing transformers, which costs a sampler ~1.7 s of its start); transformers' CLIPTokenizer only for a folder
+ClipBPE does not reproduce (a tokenizer.json, AddedToken options) or when asked for. Nothing here imports torch
+(ids come back as numpy).
 """
 
 from __future__ import annotations
@@ -29,14 +32,25 @@ def _tokenizer_dir(path: str | os.PathLike) -> str:
       f"its tokenizer/ subfolder; found {present[:12]}")
 
 
-def load_tokenizer(path: str | os.PathLike):
-  """transformers' CLIPTokenizer from a local folder (vocab.json + merges.txt, optional
-  tokenizer_config.json / special_tokens_map.json), or from a diffusers model root's `tokenizer/`.
+def load_tokenizer(path: str | os.PathLike, backend: str = "auto"):
+  """The CLIP tokenizer of a local folder (vocab.json + merges.txt, optional tokenizer_config.json /
+  special_tokens_map.json / added_tokens.json; or tokenizer.json), or of a diffusers model root's `tokenizer/`.
 
+  backend: "auto" ClipBPE, or transformers' CLIPTokenizer where ClipBPE raises Unsupported (tokenizer.json, ...);
+  "clip_bpe" ClipBPE or Unsupported; "transformers" CLIPTokenizer.from_pretrained (the reference, for tests).
   Raises FileNotFoundError naming the missing files. Never touches the network.
   """
+  if backend not in ("auto", "clip_bpe", "transformers"):
+    raise ValueError(f"backend {backend!r}: 'auto', 'clip_bpe' or 'transformers'")
   folder = _tokenizer_dir(path)
-  from transformers import CLIPTokenizer  # Imported here: only tokenizing needs transformers.
+  if backend != "transformers":
+    from vcjax.models.clip_bpe import ClipBPE, Unsupported
+    try:
+      return ClipBPE.from_folder(folder)
+    except Unsupported:
+      if backend == "clip_bpe":
+        raise
+  from transformers import CLIPTokenizer  # Imported here: ~1.7 s, for the folders ClipBPE does not take
   return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
 
 
