@@ -23,7 +23,9 @@ VOCABULARY (captions.vocabulary(): 54 words with the default config)
   motions (12)      moving right | up right | up | up left | left | down left | down | down right
                     (at speeds slowly / normal (no word) / quickly = 0.2 / 0.34 / 0.48 of the side over
                     the clip), standing still, spinning (180 degrees clockwise over the clip; not for
-                    circles, whose silhouette does not change), growing, shrinking (radius x0.65 <-> x1.3)
+                    circles, whose silhouette does not change), growing, shrinking (radius x0.65 <-> x1.3);
+                    a translating sprite's path stays near the frame's centre (config.path_spread 0.25 of
+                    the room it leaves), so it enters from the side opposite its direction
   backgrounds (9)   over grass, over water, in the sky, over sand, by a brick wall, at night, at sunset,
                     on a gray background, on a white background (textures re-drawn per clip; a colour
                     is never put on a background it does not stand out against, e.g. green on grass)

@@ -88,7 +88,8 @@ def sample_attributes(config: WorldConfig, index: int, split: str = "train", *, 
     speed = None
   lo, hi = motion.start_range(mot, radius_px(config, size), side=config.size, margin=config.margin * config.size,
                               speed_fraction=speed_fraction(config, speed), grow_range=config.grow_range)
-  start = lo + u_start * (hi - lo)
+  spread = config.path_spread if motion.MOTIONS[mot].kind == "translate" else 1.0
+  start = (lo + hi) / 2 + (u_start - 0.5) * (hi - lo) * spread
   angle = (2 * u_angle - 1) * config.angle_jitter
   return ClipAttributes(size=size, pattern=pattern, colour=colour, shape=shape, motion=mot, speed=speed,
                         background=background, start=(float(start[0]), float(start[1])), angle=float(angle),
