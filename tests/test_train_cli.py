@@ -59,3 +59,9 @@ def test_prepare_train_girl_and_export_round_trip(converted, tmp_path):
   x = rng.standard_normal((1, 4, 2, 8, 8)).astype(np.float32)
   ctx = rng.standard_normal((1, 77, 32)).astype(np.float32)
   assert rel_err(*run_both(ref, unet, x, np.array([50]), ctx)) <= 1e-5
+  # final/model: the base folder with the trained UNet, what sample.py --config.model= reads.
+  exported = store.flat_params(load_unet(str(work / "final" / "model")))
+  assert exported.keys() == params.keys()
+  assert all(np.array_equal(exported[k], params[k]) for k in params)
+  base_vae = open(os.path.join(converted, "vae.safetensors"), "rb").read()
+  assert open(work / "final" / "model" / "vae.safetensors", "rb").read() == base_vae

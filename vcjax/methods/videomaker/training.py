@@ -125,6 +125,11 @@ class GirlTask(Task):
     return video_clip_loader(cfg, tokenizer, batch_size=batch_size, seed=seed, frame_stride=8)
 
   def export(self, model, out: str, info: dict, cfg) -> None:
-    """The whole UNet as a diffusers UNetMotionModel folder (what VideoMaker releases), unet_diffusers/."""
+    """The whole UNet as a diffusers UNetMotionModel folder (what VideoMaker releases), unet_diffusers/; and
+    model/: config.model's converted folder with this UNet in place of its own, which sample.py
+    (configs/sample_videomaker.py --config.model=) and VideoPipeline.from_pretrained read."""
+    from vcjax.train.objectives.common import write_converted
     from vcjax.weights.export import save_unet
     save_unet(model.unet, os.path.join(out, "unet_diffusers"))
+    write_converted(os.path.join(out, "model"), {"unet": model.unet}, base=cfg.model,
+                    info={"trained_by": "train.py task girl"})
