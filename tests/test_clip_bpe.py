@@ -75,6 +75,19 @@ def _write(folder, base, config=None, special_map=None, added=None, drop_config=
   return folder
 
 
+def _write_bpe_folder(folder, vocab, merges, config):
+  """vocab.json (+ the special tokens), merges.txt and a tokenizer_config.json with `config` in `folder`."""
+  vocab = vocab | {clip_bpe.SOT: len(vocab), clip_bpe.EOT: len(vocab) + 1}
+  os.makedirs(folder)
+  with open(os.path.join(folder, "vocab.json"), "w") as f:
+    json.dump(vocab, f)
+  with open(os.path.join(folder, "merges.txt"), "w") as f:
+    f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+  with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+    json.dump({"model_max_length": 77, **config, "tokenizer_class": "CLIPTokenizer"}, f)
+  return folder
+
+
 def _learned(folder):
   """A byte-level tokenizer whose merges, learnt from the prompts, stop part way: words split into pieces."""
   from vcjax.world.tokenizer import learn_merges
@@ -85,15 +98,7 @@ def _learned(folder):
   merges = learn_merges(words)[:700]
   for a, b in merges:
     vocab.setdefault(a + b, len(vocab))
-  vocab |= {clip_bpe.SOT: len(vocab), clip_bpe.EOT: len(vocab) + 1}
-  os.makedirs(folder)
-  with open(os.path.join(folder, "vocab.json"), "w") as f:
-    json.dump(vocab, f)
-  with open(os.path.join(folder, "merges.txt"), "w") as f:
-    f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-  with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-    json.dump({"model_max_length": 77, "tokenizer_class": "CLIPTokenizer"}, f)
-  return folder
+  return _write_bpe_folder(folder, vocab, merges, {})
 
 
 def _clip_sized(folder, seed=0):
@@ -110,15 +115,7 @@ def _clip_sized(folder, seed=0):
       vocab[a + b] = len(vocab)
       merges.append((a, b))
       (final if b.endswith("</w>") else inner).append(a + b)
-  vocab |= {clip_bpe.SOT: len(vocab), clip_bpe.EOT: len(vocab) + 1}
-  os.makedirs(folder)
-  with open(os.path.join(folder, "vocab.json"), "w") as f:
-    json.dump(vocab, f)
-  with open(os.path.join(folder, "merges.txt"), "w") as f:
-    f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-  with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-    json.dump({"model_max_length": 77, "pad_token": "!", "tokenizer_class": "CLIPTokenizer"}, f)
-  return folder
+  return _write_bpe_folder(folder, vocab, merges, {"pad_token": "!"})
 
 
 def _tagged(content, normalized=True):

@@ -55,7 +55,8 @@ def test_pipeline_prompt_embedding_equals_transformers_at_batch_1(odd_model, tex
   ref, _, tok = text_models
   pipe = VideoPipeline.from_pretrained(odd_model["converted"])
   got = pipe.encode_prompts(PROMPTS[:1])
-  ids = tok(PROMPTS[:1], padding="max_length", max_length=16, truncation=True, return_tensors="pt").input_ids
+  ids = torch.from_numpy(tok(PROMPTS[:1], padding="max_length", max_length=16, truncation=True,
+                             return_tensors="np")["input_ids"])
   with torch.no_grad():
     want = ref(ids).last_hidden_state.numpy()
   assert got.shape == (1, 16, 32) and rel_err(got, want) <= 1e-5

@@ -284,7 +284,7 @@ class ClipBPE:
 
   def __call__(self, text, add_special_tokens: bool = True, padding=False, truncation=None,
                max_length: int | None = None, return_tensors: str | None = None) -> Encoding:
-    """transformers' call on a text or a batch -> input_ids, attention_mask (lists, or "np" / "pt" int64)."""
+    """transformers' call on a text or a batch -> input_ids, attention_mask (lists, or "np" int64)."""
     batched = not isinstance(text, str)
     texts = list(text) if batched else [text]
     if not all(isinstance(t, str) for t in texts):
@@ -293,7 +293,7 @@ class ClipBPE:
       truncation = True   # transformers: a max_length alone truncates
     pads = {False: None, "do_not_pad": None, True: "longest", "longest": "longest", "max_length": "max_length"}
     truncs = {None: False, False: False, "do_not_truncate": False, True: True, "longest_first": True}
-    if padding not in pads or truncation not in truncs or return_tensors not in (None, "np", "pt"):
+    if padding not in pads or truncation not in truncs or return_tensors not in (None, "np"):
       raise Unsupported(f"padding={padding!r}, truncation={truncation!r}, return_tensors={return_tensors!r}")
     padding, truncation = pads[padding], truncs[truncation]
     if max_length is None and self.model_max_length > LARGE_INTEGER:   # transformers: no length, no limit
@@ -314,9 +314,6 @@ class ClipBPE:
     if len(set(map(len, out["input_ids"]))) > 1:
       raise ValueError("ids of different lengths make no tensor: pad them (padding='max_length')")
     arrays = {k: np.asarray(v, np.int64).reshape(len(rows), -1) for k, v in out.items()}
-    if return_tensors == "pt":
-      import torch  # only for callers that ask for torch tensors
-      arrays = {k: torch.from_numpy(v) for k, v in arrays.items()}
     return Encoding(arrays)
 
   def tokenize(self, text: str) -> list[str]:
