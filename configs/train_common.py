@@ -39,9 +39,13 @@ def loop_config() -> ml_collections.ConfigDict:
   # grad_clip: global norm, <= 0 off. ema_decay > 0: also keep an EMA of the trained parameters (checkpointed
   # with the optimizer) and export it instead of the last values (diffusers' --use_ema); 0: off. export_ema
   # False exports the last values of a run that keeps an EMA (to compare the two from one checkpoint).
+  # lr_multipliers: "pattern=factor,..." multiplies the lr of the parameters whose path (e.g.
+  # "unet/down_blocks/1/attentions/0/transformer_blocks/0/attn2/to_k/kernel", "text_encoder/...") matches
+  # the pattern (re.search, first rule wins); "" = one lr for all. "attentions/.*/attn2/" is the spatial
+  # cross-attention (the motion modules' blocks also have an attn2: a temporal self-attention).
   c.optimizer = ml_collections.ConfigDict(dict(learning_rate=1e-5, scale_lr=False, weight_decay=1e-2, b1=0.9,
                                                b2=0.999, eps=1e-8, grad_clip=1.0, warmup_steps=0, ema_decay=0.0,
-                                               export_ema=True))
+                                               export_ema=True, lr_multipliers=""))
   c.data = ml_collections.ConfigDict(dict(kind="folder", dir="", dataset="", num_threads=4, worker_count=0,
                                           num_examples=8))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, sequence=1, param_sharding="replicate"))

@@ -254,6 +254,37 @@ def test_parameter_ema_matches_diffusers_ema_model():
   assert ema_params(Trainer(_Affine(nnx.Rngs(0)), nnx.Param, loss_fn, OptimizerConfig(), mesh=mesh).init()[1]) is None
 
 
+def test_lr_multipliers_scale_one_parameter_groups_step():
+  """optimizer.lr_multipliers: the matching parameter's AdamW step (decay included) is exactly `factor` times
+  the plain run's from the same parameters and gradients (one step); rules apply in order. The config's string form parses to the same rules."""
+  from vcjax.train.loop import optimizer_config
+
+  def loss_fn(model, batch, key):
+    del key
+    return jnp.mean((batch["x"] @ model.w.value + model.b.value - batch["y"]) ** 2), {}
+
+  rng = np.random.default_rng(1)
+  batch = {"x": rng.normal(size=(8, 64)).astype(np.float32), "y": rng.normal(size=(8, 64)).astype(np.float32)}
+  steps = {}
+  for rules in ((), (("^w$", 3.0), ("w|b", 0.5))):
+    tr = Trainer(_Affine(nnx.Rngs(0)), nnx.Param, loss_fn,
+                 OptimizerConfig(learning_rate=0.01, weight_decay=0.1, lr_multipliers=rules))
+    params, opt = tr.init()
+    before = jax.tree.map(np.asarray, params)
+    params, opt, _ = tr.step(params, opt, tr.shard_batch(batch), jax.random.PRNGKey(0))  # Adam + decay
+    steps[rules] = {k: np.asarray(params[k]) - before[k] for k in before}
+  plain, scaled = steps.values()
+  assert np.abs(plain["w"]).max() > 1e-3
+  np.testing.assert_allclose(scaled["w"], 3.0 * plain["w"], rtol=1e-4, atol=1e-7)  # first rule wins
+  np.testing.assert_allclose(scaled["b"], 0.5 * plain["b"], rtol=1e-4, atol=1e-7)
+  cfg = default_config("t2v")
+  cfg.optimizer.lr_multipliers = "attentions/.*/attn2/=5, ^text_encoder/=2.5"
+  assert optimizer_config(cfg).lr_multipliers == (("attentions/.*/attn2/", 5.0), ("^text_encoder/", 2.5))
+  cfg.optimizer.lr_multipliers = "attn2"
+  with pytest.raises(ValueError, match="pattern=factor"):
+    optimizer_config(cfg)
+
+
 def _read_events(path):
   """TFRecord framing (CRC-checked) + the scalars of each Event, decoded by hand."""
 

@@ -33,7 +33,8 @@ def test_prepare_train_girl_and_export_round_trip(converted, tmp_path):
   work = tmp_path / "run"
   cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs/train_tiny_girl.py"),
          "--workdir", str(work), f"--config.model={converted}", "--config.num_steps=2", "--config.batch_size=2",
-         "--config.data.kind=folder", f"--config.data.dir={tmp_path / 'data'}", "--config.data.num_threads=1"]
+         "--config.optimizer.lr_multipliers=attn1/to_[qkv]=2,motion_modules=0.5",
+         "--config.timestep_bias_strategy=later", "--config.timestep_bias_multiplier=3", "--config.data.kind=folder", f"--config.data.dir={tmp_path / 'data'}", "--config.data.num_threads=1"]
   env = dict(os.environ, XLA_FLAGS="")  # one CPU device: the tiny batch of 2 is not split 8 ways
   proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -138,8 +138,11 @@ def test_videos_folder_with_sidecars(world, tmp_path, capsys):
 @pytest.mark.slow
 def test_evaluate_cli_on_a_tiny_random_model(converted, tmp_path):
   out = tmp_path / "results.json"
+  negatives = ["", "a solid red star standing still at night", "a big dotted blue heart growing over water"]
+  (tmp_path / "negatives.json").write_text(json.dumps(negatives))
   cmd = [sys.executable, "-m", "vcjax.world.evaluate", "--model", converted, "--num-prompts", "3",
-         "--seeds", "0,1", "--steps", "2", "--batch", "4", "--out", str(out), "--save-videos", str(tmp_path / "v")]
+         "--seeds", "0,1", "--steps", "2", "--batch", "4", "--out", str(out), "--save-videos", str(tmp_path / "v"),
+         "--negative-prompts", str(tmp_path / "negatives.json")]
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
                         env=dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu"))
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -149,12 +152,35 @@ def test_evaluate_cli_on_a_tiny_random_model(converted, tmp_path):
     assert result["counts"][f"{k}_accuracy"] == 6
     assert 0.0 <= result["metrics"][f"{k}_accuracy"] <= 1.0
   assert {r["seed"] for r in result["videos"]} == {0, 1}
+  prompts = evaluate.world_prompts(WorldConfig(), 3)
+  assert [(r["prompt"], r["negative_prompt"]) for r in result["videos"]] == 2 * list(zip(prompts, negatives))
   assert all(set(r["read"]) >= {"colour", "shape", "pattern", "size", "background", "motion"}
              for r in result["videos"])
   assert len([f for f in os.listdir(tmp_path / "v") if f.endswith(".mp4")]) == 6
   for k in ("colour_accuracy", "motion_accuracy", "dynamic_degree_still", "temporal_consistency"):
     assert k in proc.stdout
   assert "6 videos, seeds [0, 1]" in proc.stdout
+
+
+def test_each_video_is_guided_by_its_own_negative_prompt(converted):
+  """generated_videos(negative_prompts=): prompt i's video (batched and padded) is the pipeline's video of
+  prompt i with negative i, and another negative changes it."""
+  from vcjax.pipeline import VideoPipeline
+  pipe = VideoPipeline.from_pretrained(converted)
+  prompts = evaluate.world_prompts(WorldConfig(), 3)
+  negatives = ["a solid red star standing still at night", "", "a big dotted blue heart growing over water"]
+  kw = dict(steps=2, guidance_scale=5.0, num_frames=3, height=32, width=40)
+  videos = list(evaluate.generated_videos(pipe, prompts, [3], batch=2, negative_prompts=negatives,
+                                          log=lambda s: None, **kw))
+  assert [(v["index"], v["negative_prompt"]) for v in videos] == list(enumerate(negatives))
+  for i in (0, 2):
+    alone = pipe.generate([prompts[i]], seeds=[3], negative_prompt=[negatives[i]], **kw).frames[0]
+    plain = pipe.generate([prompts[i]], seeds=[3], **kw).frames[0]
+    diff = np.abs(videos[i]["frames"].astype(int) - alone.astype(int))
+    assert diff.max() <= 2 and diff.mean() < 0.05  # uint8 rounding of batch-2 vs batch-1 programs
+    assert np.abs(plain.astype(int) - alone.astype(int)).mean() > 1.0
+  with pytest.raises(ValueError, match="2 negative prompts for 3 prompts"):
+    next(evaluate.generated_videos(pipe, prompts, [0], batch=2, negative_prompts=negatives[:2], **kw))
 
 
 def test_ground_truth_through_a_vae_is_its_round_trip(converted, shipped):

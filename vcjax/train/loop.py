@@ -38,7 +38,7 @@ from vcjax import compiler, parallel
 from vcjax.train.checkpoint import Checkpointer, flatten
 from vcjax.train.metrics import MetricsWriter
 from vcjax.train.models import count_remat_blocks
-from vcjax.train.state import OptimizerConfig, Trainer, ema_params, step_key
+from vcjax.train.state import OptimizerConfig, Trainer, ema_params, parse_lr_multipliers, step_key
 from vcjax.train.task import get_task
 
 
@@ -86,7 +86,8 @@ def optimizer_config(cfg) -> OptimizerConfig:
   lr = o.learning_rate * (cfg.batch_size if o.get("scale_lr", False) else 1)
   return OptimizerConfig(learning_rate=lr, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps,
                          grad_clip=o.grad_clip, warmup_steps=o.warmup_steps,
-                         ema_decay=o.get("ema_decay", 0.0))
+                         ema_decay=o.get("ema_decay", 0.0),
+                         lr_multipliers=parse_lr_multipliers(o.get("lr_multipliers", "")))
 
 
 def build(cfg, *, mesh=None):

@@ -18,6 +18,7 @@ numbers do not depend on the device count.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -40,6 +41,9 @@ class OptimizerConfig:
   grad_clip: float = 1.0  # global norm; <= 0 disables
   warmup_steps: int = 0  # linear warmup, then constant
   ema_decay: float = 0.0  # > 0: keep an EMA of the trainable parameters (track_ema); 0: none
+  # ((pattern, factor), ...): the lr of the parameters whose "/"-joined path matches `pattern` (re.search;
+  # the first matching rule wins) is learning_rate x factor; e.g. (("attn2/to_[kv]", 5.0),).
+  lr_multipliers: tuple[tuple[str, float], ...] = ()
 
 
 def learning_rate_schedule(cfg: OptimizerConfig) -> optax.Schedule:
@@ -85,12 +89,47 @@ def ema_params(opt_state):
   return found[0].ema if found else None
 
 
+def param_path(path) -> str:
+  """A pytree key path as "unet/down_blocks/1/attentions/0/.../to_k/kernel"."""
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def parse_lr_multipliers(text: str) -> tuple[tuple[str, float], ...]:
+  """"pattern=factor,pattern=factor" (the config's string form) -> OptimizerConfig.lr_multipliers."""
+  rules = []
+  for item in filter(None, (t.strip() for t in text.split(","))):
+    pattern, sep, factor = item.rpartition("=")
+    if not sep or not pattern:
+      raise ValueError(f"optimizer.lr_multipliers: expected 'pattern=factor', got {item!r}")
+    re.compile(pattern)
+    rules.append((pattern, float(factor)))
+  return tuple(rules)
+
+
+def scale_by_path(rules: tuple[tuple[str, float], ...]) -> optax.GradientTransformation:
+  """Multiplies each update by the factor of the first rule whose pattern matches its parameter's path
+  (1 where none does). Placed after AdamW it scales the whole step, decay included: exactly AdamW with that
+  parameter group's learning rate multiplied (torch's per-group lr)."""
+
+  def factor(path):
+    name = param_path(path)
+    return next((f for p, f in rules if re.search(p, name)), 1.0)
+
+  def update(updates, state, params=None):
+    del params
+    return jax.tree_util.tree_map_with_path(lambda path, u: u * jnp.asarray(factor(path), u.dtype), updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
   """clip_by_global_norm -> AdamW (torch.optim.AdamW semantics: decoupled decay on every trainable)
-  [-> track_ema when cfg.ema_decay > 0]."""
+  [-> per-path lr factors when cfg.lr_multipliers] [-> track_ema when cfg.ema_decay > 0]."""
   adamw = optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                       weight_decay=cfg.weight_decay)
   parts = ([optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []) + [adamw]
+  if cfg.lr_multipliers:
+    parts.append(scale_by_path(tuple(cfg.lr_multipliers)))
   if cfg.ema_decay > 0:
     parts.append(track_ema(cfg.ema_decay))
   return optax.chain(*parts) if len(parts) > 1 else adamw

@@ -1,7 +1,7 @@
 """World metrics: how well a text-to-video model follows world prompts, read off its videos by the probe.
 
     python -m vcjax.world.evaluate --model DIR [--prompts FILE | --num-prompts 200 --split train] --seeds 0,1 \
-        --out results.json [--steps 25 --guidance-scale 7.5 --batch 8 --save-videos DIR]
+        --out results.json [--steps 25 --guidance-scale 7.5 --batch 8 --save-videos DIR --negative-prompts FILE]
     python -m vcjax.world.evaluate --ground-truth --num-prompts 200 --out gt.json   # the world's own clips
     python -m vcjax.world.evaluate --ground-truth --through-vae MODEL --out ceiling.json  # ... through a VAE
     python -m vcjax.world.evaluate --videos DIR [--prompts FILE] --out results.json  # existing mp4/gif files
@@ -97,26 +97,31 @@ def through_vae(videos: Iterable[dict], model: str, batch: int = 16) -> Iterator
 
 def generated_videos(model, prompts: Sequence[str], seeds: Sequence[int], *, steps: int, guidance_scale: float,
                      num_frames: int, height: int, width: int, batch: int, log=print, references=None,
-                     **generate_kwargs) -> Iterator[dict]:
+                     negative_prompts: Sequence[str] | None = None, **generate_kwargs) -> Iterator[dict]:
   """Every (seed, prompt) of the model (a converted folder or a VideoPipeline), `batch` videos per generate
   call (the last call padded so that every call has the same shapes: one compiled program). references:
-  one `(H, W, 3)` image in [-1, 1] per prompt (VideoMaker), or None; generate_kwargs: further
+  one `(H, W, 3)` image in [-1, 1] per prompt (VideoMaker), or None; negative_prompts: one per prompt (the
+  unconditional branch of guidance), or None for ""; generate_kwargs: further
   VideoPipeline.generate options (lora_scales, skip_steps, ...). Yields prompt, seed, frames, index (of
-  the prompt)."""
+  the prompt) and negative_prompt when given."""
   from vcjax.pipeline import VideoPipeline
+  if negative_prompts is not None and len(negative_prompts) != len(prompts):
+    raise ValueError(f"{len(negative_prompts)} negative prompts for {len(prompts)} prompts")
   pipe = VideoPipeline.from_pretrained(model) if isinstance(model, (str, os.PathLike)) else model
   jobs = [(i, s) for s in seeds for i in range(len(prompts))]
   for k in range(0, len(jobs), batch):
     chunk = jobs[k:k + batch]
     padded = chunk + [chunk[-1]] * (batch - len(chunk))
     refs = None if references is None else np.stack([references[i] for i, _ in padded])
+    negatives = "" if negative_prompts is None else [negative_prompts[i] for i, _ in padded]
     t = time.time()
     out = pipe.generate([prompts[i] for i, _ in padded], seeds=[s for _, s in padded], num_frames=num_frames,
                         height=height, width=width, steps=steps, guidance_scale=guidance_scale,
-                        reference_images=refs, **generate_kwargs)
+                        reference_images=refs, negative_prompt=negatives, **generate_kwargs)
     log(f"videos {k + len(chunk)}/{len(jobs)}  ({time.time() - t:.1f}s)")
     for (i, s), frames in zip(chunk, out.frames):
-      yield dict(prompt=prompts[i], seed=s, frames=frames, index=i)
+      yield dict(prompt=prompts[i], seed=s, frames=frames, index=i,
+                 **({} if negative_prompts is None else {"negative_prompt": negative_prompts[i]}))
 
 
 def video_files(folder: str, prompts: Sequence[str] | None = None) -> list[tuple[str, str | None, int | None]]:
@@ -255,6 +260,8 @@ def evaluate(videos: Iterable[dict], probe_model, world: WorldConfig, errors: li
     row.update(seed=v.get("seed"), **({"path": v["path"]} if "path" in v else {}))
     if v.get("caption") and v["caption"] != v["prompt"]:
       row["sampled_prompt"] = v["prompt"]
+    if v.get("negative_prompt") is not None:
+      row["negative_prompt"] = v["negative_prompt"]
     rows.append(row)
     if v.get("seed") is not None and v["seed"] not in seeds:
       seeds.append(v["seed"])
@@ -285,6 +292,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   ap.add_argument("--through-vae", metavar="MODEL",
                   help="with --ground-truth: the clips round-tripped through this converted folder's VAE first")
   ap.add_argument("--prompts", help="prompts file (JSON list or one a line) instead of drawn captions")
+  ap.add_argument("--negative-prompts", help="one negative prompt a line (or a JSON list, which can hold \"\"), "
+                  "aligned with the prompts (--model): guidance's unconditional branch; default \"\" for all")
   ap.add_argument("--num-prompts", type=int, default=200)
   ap.add_argument("--split", default="train", choices=("train", "heldout"))
   ap.add_argument("--seeds", default="0", help="comma-separated sampling seeds (--model)")
@@ -318,14 +327,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.through_vae:
       ap.error("--through-vae goes with --ground-truth")
     prompts = read_prompts(args.prompts) if args.prompts else world_prompts(world, args.num_prompts, args.split)
+    negatives = read_prompts(args.negative_prompts) if args.negative_prompts else None
+    if negatives is not None and len(negatives) != len(prompts):
+      ap.error(f"--negative-prompts: {len(negatives)} lines for {len(prompts)} prompts")
     videos = generated_videos(args.model, prompts, seeds, steps=args.steps, guidance_scale=args.guidance_scale,
                               num_frames=args.num_frames, height=args.height, width=args.width, batch=args.batch,
-                              log=lambda s: print(s, file=sys.stderr))
+                              log=lambda s: print(s, file=sys.stderr), negative_prompts=negatives)
   t = time.time()
   result = evaluate(videos, probe_model, world, errors, save_videos=args.save_videos)
   result.update(source=dict(model=args.model, videos=args.videos, ground_truth=args.ground_truth,
                             through_vae=args.through_vae,
-                            prompts=args.prompts, split=None if args.prompts or args.videos else args.split,
+                            prompts=args.prompts, negative_prompts=args.negative_prompts, split=None if args.prompts or args.videos else args.split,
                             steps=args.steps if args.model else None,
                             guidance_scale=args.guidance_scale if args.model else None),
                 probe=args.probe or probe.SHIPPED, seconds=round(time.time() - t, 1))
