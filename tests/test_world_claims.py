@@ -74,3 +74,55 @@ def test_the_tables_rows():
                                                               ("fixed", "reference")]
   with pytest.raises(ValueError, match="needs a subject LoRA"):
     claims.Condition("x", "base", "token")
+
+
+def test_lora_files_one_for_all_or_one_per_subject():
+  assert claims.lora_files("a.safetensors", [9, 0]) == {9: "a.safetensors", 0: "a.safetensors"}
+  assert claims.lora_files("9=runs/a.safetensors, 0=b.safetensors", [9, 0]) == {9: "runs/a.safetensors",
+                                                                                0: "b.safetensors"}
+  with pytest.raises(ValueError, match=r"subjects \[0\] have no LoRA"):
+    claims.lora_files("9=a.safetensors", [9, 0])
+  with pytest.raises(ValueError, match=r"subjects \[12\], which --subjects does not list"):
+    claims.lora_files("9=a,0=b,12=c", [9, 0])
+  with pytest.raises(ValueError, match="SUBJECT=FILE"):
+    claims.lora_files("nine=a", [9])
+  assert claims.main(["dynamic-weighting", "--lora", "9=a", "--subjects", "9,0", "--out", "x"]) == 1
+
+
+def test_each_subject_is_sampled_through_its_own_lora(monkeypatch):
+  """run_condition with "SUBJECT=FILE,...": subject s's prompts go to the pipeline that loaded s's file,
+  are scored against s's full caption, and a second condition reuses the loaded pipelines."""
+  from vcjax import pipeline
+  from vcjax.world import evaluate, probe
+  world = WorldConfig(size=32, frames=4)
+  loaded, calls = [], []
+
+  class FakePipe:
+    def __init__(self):
+      self.lora = None
+
+    def load_lora(self, path):
+      self.lora = path
+      loaded.append(path)
+
+  def fake_videos(pipe, prompts, seeds, **kw):
+    calls.append((pipe.lora, list(prompts), kw["lora_scales"]))
+    for s in seeds:
+      for i, p in enumerate(prompts):
+        yield dict(prompt=p, seed=s, index=i, frames=np.zeros((4, 32, 32, 3), np.uint8))
+
+  monkeypatch.setattr(pipeline.VideoPipeline, "from_pretrained", staticmethod(lambda path: FakePipe()))
+  monkeypatch.setattr(evaluate, "generated_videos", fake_videos)
+  kw = dict(num_prompts=2, seeds=[0, 1], steps=10, guidance_scale=4.0, batch=2, probe_model=probe.load_probe(),
+            moving_only=True, log=lambda s: None)
+  pipes = {}
+  runs = [claims.run_condition(claims.Condition("x", "base", "token", "9=a.st,2=b.st", spec), world, [9, 2],
+                               pipes=pipes, **kw) for spec in ("paper", "constant:0.4")]
+  assert loaded == ["a.st", "b.st"] and set(pipes) == {("base", "a.st"), ("base", "b.st")}
+  assert [(lora, len(prompts)) for lora, prompts, _ in calls] == [("a.st", 2), ("b.st", 2)] * 2
+  assert all(claims.TOKEN in p for _, prompts, _ in calls for p in prompts)
+  np.testing.assert_allclose(calls[0][2][:5], 0.4) and np.testing.assert_allclose(calls[2][2], 0.4)
+  rows = runs[0]["result"]["videos"]
+  assert [r["seed"] for r in rows] == [0, 0, 1, 1] * 2
+  for row, subject in zip(rows, [9] * 4 + [2] * 4):
+    assert (row["target"]["shape"], row["target"]["pattern"], row["target"]["colour"]) == WORLD.held_out[subject]

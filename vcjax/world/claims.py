@@ -2,13 +2,16 @@
 for every row of it.
 
     python -m vcjax.world.claims dynamic-weighting --model models/world \
-        --lora runs/world_subject_9/final/lora.safetensors --subjects 9 --out results/world/dynamic_weighting
+        --lora 9=runs/world_subject_9/final/lora.safetensors,0=runs/world_subject_0/final/lora.safetensors \
+        --subjects 9,0 --out results/world/dynamic_weighting
     python -m vcjax.world.claims girl --model models/world --girl runs/world_girl/final/model \
         [--girl-fixed-motion runs/world_girl_fixed/final/model] --subjects 0,9,12 --out results/world/girl
     python -m vcjax.world.claims zero-shot --model models/world --girl runs/world_girl/final/model \
         --lora runs/world_subject_9/final/lora.safetensors --subjects 9 --out results/world/zero_shot
 
 Each writes OUT.json (every video's row, the settings) and OUT.md (the table) and prints the table.
+--lora is one LoRA file for every subject or `SUBJECT=FILE,...`, one per subject (a subject LoRA learns one
+sprite).
 
 Prompts: for each held-out subject (an index into WorldConfig.held_out, --subjects), `--num-prompts` world
 captions of that sprite drawn from the stream "claims" (moving prompts only for dynamic weighting: it is
@@ -50,8 +53,9 @@ FORMS = ("token", "reference", "text")
 
 @dataclasses.dataclass(frozen=True)
 class Condition:
-  """One row of a table: `model` (a converted folder), how the subject is given (`form`), and optionally a
-  subject LoRA file with its scale schedule (a vcjax.methods.customcrafter.schedule spec)."""
+  """One row of a table: `model` (a converted folder), how the subject is given (`form`), and optionally the
+  subject LoRA (one file, or "SUBJECT=FILE,..." one per subject: `lora_files`) with its scale schedule (a
+  vcjax.methods.customcrafter.schedule spec)."""
   name: str
   model: str
   form: str
@@ -63,6 +67,24 @@ class Condition:
       raise ValueError(f"form must be one of {FORMS}, got {self.form!r}")
     if self.form == "token" and not self.lora:
       raise ValueError(f"{self.name}: the token form needs a subject LoRA (its token embedding)")
+
+
+def lora_files(spec: str, subjects: Sequence[int]) -> dict[int, str]:
+  """--lora's value -> {subject: LoRA file}: one file for all, or "SUBJECT=FILE,..." naming every subject."""
+  if "=" not in spec:
+    return {s: spec for s in subjects}
+  files = {}
+  for item in filter(None, (t.strip() for t in spec.split(","))):
+    subject, sep, path = item.partition("=")
+    if not sep or not subject.strip().isdigit() or not path:
+      raise ValueError(f"--lora: expected FILE or SUBJECT=FILE,..., got {item!r}")
+    files[int(subject)] = path
+  missing = [s for s in subjects if s not in files]
+  extra = sorted(set(files) - set(subjects))
+  if missing or extra:
+    raise ValueError(f"--lora: subjects {missing} have no LoRA" if missing else
+                     f"--lora: LoRAs for subjects {extra}, which --subjects does not list")
+  return files
 
 
 def subject_prompts(world: WorldConfig, subject: int, n: int, moving_only: bool = False) -> list:
@@ -99,36 +121,38 @@ def run_condition(cond: Condition, world: WorldConfig, subjects: Sequence[int], 
                   moving_only: bool = False, log=print, pipes: dict | None = None,
                   save_videos: str | None = None) -> dict:
   """Sample and score one condition -> {"condition", "result" (evaluate.evaluate's), "seconds"}. pipes:
-  pipelines by (model, lora), kept between the conditions of a table (one load and compile for all the
-  schedules of one LoRA: the scales are an argument of the compiled loop). save_videos: a folder for this
+  pipelines by (model, LoRA file), kept between the conditions of a table (one load and compile for all the
+  schedules of one LoRA: the scales are an argument of the compiled loop). Subjects are sampled in turn,
+  each through the pipeline with its own LoRA. save_videos: a folder for this
   condition's videos (mp4 + JSON sidecar with the prompt and the caption scored against)."""
   from vcjax.methods.customcrafter.schedule import lora_scales, skipped_steps
   from vcjax.pipeline import VideoPipeline
   t0 = time.time()
   pipes = {} if pipes is None else pipes
-  if (cond.model, cond.lora) not in pipes:
-    pipe = VideoPipeline.from_pretrained(cond.model)
-    if cond.lora:
-      pipe.load_lora(cond.lora)
-    pipes[cond.model, cond.lora] = pipe
-  pipe = pipes[cond.model, cond.lora]
+  files = lora_files(cond.lora, subjects) if cond.lora else dict.fromkeys(subjects)
   kwargs = {}
   if cond.lora:
     kwargs["lora_scales"] = lora_scales(cond.schedule, steps)
     skip = skipped_steps(cond.schedule, steps)
     kwargs["skip_steps"] = skip if skip.any() else None
-  attrs, refs = [], []
-  for s in subjects:
-    these = subject_prompts(world, s, num_prompts, moving_only)
-    attrs += these
-    refs += [reference_image(world, s, world.size)] * len(these)
-  prompts = [prompt_text(world, a, cond.form) for a in attrs]
-  full = [captions.caption(world, a) for a in attrs]
-  videos = world_eval.generated_videos(
-      pipe, prompts, seeds, steps=steps, guidance_scale=guidance_scale, num_frames=world.frames,
-      height=world.size, width=world.size, batch=batch, log=log,
-      references=refs if cond.form == "reference" else None, **kwargs)
-  videos = (dict(v, caption=full[v["index"]]) for v in videos)
+
+  def subject_videos(s):  # one subject's prompts, through the pipeline with its LoRA
+    if (cond.model, files[s]) not in pipes:
+      pipe = VideoPipeline.from_pretrained(cond.model)
+      if files[s]:
+        pipe.load_lora(files[s])
+      pipes[cond.model, files[s]] = pipe
+    attrs = subject_prompts(world, s, num_prompts, moving_only)
+    prompts = [prompt_text(world, a, cond.form) for a in attrs]
+    full = [captions.caption(world, a) for a in attrs]
+    refs = [reference_image(world, s, world.size)] * len(attrs) if cond.form == "reference" else None
+    videos = world_eval.generated_videos(
+        pipes[cond.model, files[s]], prompts, seeds, steps=steps, guidance_scale=guidance_scale,
+        num_frames=world.frames, height=world.size, width=world.size, batch=batch, log=log, references=refs,
+        **kwargs)
+    return (dict(v, caption=full[v["index"]]) for v in videos)
+
+  videos = (v for s in subjects for v in subject_videos(s))
   result = world_eval.evaluate(videos, probe_model, world, save_videos=save_videos)
   return {"condition": dataclasses.asdict(cond), "result": result, "seconds": round(time.time() - t0, 1)}
 
@@ -186,7 +210,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   ap = argparse.ArgumentParser(prog="python -m vcjax.world.claims", description=__doc__.split("\n")[0])
   ap.add_argument("claim", choices=sorted(TITLES))
   ap.add_argument("--model", default="models/world", help="the base world model (converted folder)")
-  ap.add_argument("--lora", help="a subject LoRA file (train.py's final/lora.safetensors, token beside it)")
+  ap.add_argument("--lora", help="a subject LoRA file (train.py's final/lora.safetensors, token beside it) for "
+                  "every subject, or SUBJECT=FILE,... one per subject")
   ap.add_argument("--girl", help="the GIRL-trained model (converted folder)")
   ap.add_argument("--girl-fixed-motion", help="girl: a GIRL model trained with train_motion=False")
   ap.add_argument("--subjects", default="9", help="held-out sprite indices, comma-separated")
@@ -210,6 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   subjects = [int(s) for s in args.subjects.split(",") if s.strip()]
   seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
   try:
+    if args.lora:
+      lora_files(args.lora, subjects)  # a bad spelling fails before any row is sampled
     rows, moving = conditions_for(args.claim, args)
     probe_model = probe.load_probe(args.probe)
     log, pipes = (lambda s: print(s, file=sys.stderr)), {}
