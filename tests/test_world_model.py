@@ -345,3 +345,30 @@ def test_sample_py_without_arguments_samples_the_shipped_world_model(tmp_path):
   row = score_video(probe.load_probe(), WorldConfig(), prompt, video)
   assert row["correct"]["background"] and row["correct"]["colour"], row["read"]
   assert row["subject_visible"] == 1.0
+
+
+@pytest.mark.slow  # ~40 s on 2 CPU cores: 2 videos x 50 steps, 16 frames
+def test_shipped_subject_lora_samples_through_the_customcrafter_config(tmp_path):
+  """E2: a shipped subject LoRA (models/world_subjects/, its token beside it) loads through the ordinary
+  CustomCrafter sample config (dynamic weighting, 50 DDIM steps, CFG 12) and draws its sprite's colour:
+  sprite 9 is a solid black star."""
+  import subprocess
+  import sys
+  import imageio.v3 as iio
+  from vcjax.world import probe
+  from vcjax.world.evaluate import score_video
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  lora = os.path.join(root, "models", "world_subjects", "subject_9", "lora.safetensors")
+  cmd = [sys.executable, os.path.join(root, "sample.py"), "--config", os.path.join(root, "configs/sample_customcrafter.py"),
+         f"--config.model={os.path.join(root, 'models', 'world')}", f"--config.lora={lora}", "--config.height=64",
+         "--config.width=64", "--config.num_videos=2", "--config.prompt=a <new1> star standing still on a white background",
+         f"--config.output={tmp_path / 'v.mp4'}"]
+  proc = subprocess.run(cmd, cwd=tmp_path, env=dict(os.environ, XLA_FLAGS=""), capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  with open(tmp_path / "v_0.json") as f:
+    assert json.load(f)["config"]["lora_schedule"] == "paper"
+  for i in range(2):
+    row = score_video(probe.load_probe(), WorldConfig(), "a solid black star standing still on a white background",
+                      iio.imread(tmp_path / f"v_{i}.mp4"))
+    assert row["read"]["colour"] == "black" and row["read"]["background"] == "white", row["read"]
