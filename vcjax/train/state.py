@@ -42,7 +42,7 @@ class OptimizerConfig:
   warmup_steps: int = 0  # linear warmup, then constant
   ema_decay: float = 0.0  # > 0: keep an EMA of the trainable parameters (track_ema); 0: none
   # ((pattern, factor), ...): the lr of the parameters whose "/"-joined path matches `pattern` (re.search;
-  # the first matching rule wins) is learning_rate x factor; e.g. (("attn2/to_[kv]", 5.0),).
+  # the first matching rule wins) is learning_rate x factor; e.g. (("attentions/.*/attn2/to_[kv]", 5.0),).
   lr_multipliers: tuple[tuple[str, float], ...] = ()
 
 
