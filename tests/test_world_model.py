@@ -368,7 +368,8 @@ def test_shipped_subject_lora_samples_through_the_customcrafter_config(tmp_path)
   assert proc.returncode == 0, proc.stderr[-2000:]
   with open(tmp_path / "v_0.json") as f:
     assert json.load(f)["config"]["lora_schedule"] == "paper"
+  probe_model = probe.load_probe()
   for i in range(2):
-    row = score_video(probe.load_probe(), WorldConfig(), "a solid black star standing still on a white background",
+    row = score_video(probe_model, WorldConfig(), "a solid black star standing still on a white background",
                       iio.imread(tmp_path / f"v_{i}.mp4"))
     assert row["read"]["colour"] == "black" and row["read"]["background"] == "white", row["read"]

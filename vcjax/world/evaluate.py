@@ -314,6 +314,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   probe_model = probe.load_probe(args.probe)
   errors: list[str] = []
   seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+  if args.negative_prompts and not args.model:
+    ap.error("--negative-prompts goes with --model (it guides sampling)")
   if args.videos:
     prompts = read_prompts(args.prompts) if args.prompts else None
     videos = file_videos(video_files(args.videos, prompts), errors)
@@ -337,7 +339,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   result = evaluate(videos, probe_model, world, errors, save_videos=args.save_videos)
   result.update(source=dict(model=args.model, videos=args.videos, ground_truth=args.ground_truth,
                             through_vae=args.through_vae,
-                            prompts=args.prompts, negative_prompts=args.negative_prompts, split=None if args.prompts or args.videos else args.split,
+                            prompts=args.prompts, negative_prompts=args.negative_prompts,
+                            split=None if args.prompts or args.videos else args.split,
                             steps=args.steps if args.model else None,
                             guidance_scale=args.guidance_scale if args.model else None),
                 probe=args.probe or probe.SHIPPED, seconds=round(time.time() - t, 1))
